@@ -1,0 +1,51 @@
+# Two commands set up a fresh machine:  make demo   and   make test
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+DEMO_DIR := data/demo
+DEMO_STAMP := $(DEMO_DIR)/.complete
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install demo demo-data workflow test lint format dag clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+demo-data: $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(STAMP) src/radflow/demo.py
+	$(BIN)/radflow demo-data $(DEMO_DIR) --threads 2
+	@touch $@
+
+workflow: $(STAMP) $(DEMO_STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+
+demo: workflow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+	$(BIN)/snakefmt Snakefile workflow/rules
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+dag: $(STAMP)
+	$(BIN)/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
+	$(BIN)/snakemake --rulegraph | dot -Tpng -Gdpi=110 > docs/rulegraph.png
+
+clean:
+	rm -rf results logs benchmarks .snakemake

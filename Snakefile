@@ -1,0 +1,22 @@
+# radflow: raw CT DICOM in, an explained 3D classifier out. See README.md and shared DESIGN.md.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/convert.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/inventory/series.parquet",
+        converted,

@@ -1,0 +1,33 @@
+"""Stable pseudonyms and path-safe identifiers."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+PREFIX = {"subject": "sub", "study": "stu", "series": "ser", "case": "case"}
+
+
+def pseudonym(kind: str, raw: str, salt: str, length: int = 12) -> str:
+    """Keyed-hash pseudonym for a raw identifier, e.g. ``sub-3f2a9c01b7de``."""
+    if kind not in PREFIX:
+        raise ValueError(f"unknown id kind {kind!r}; expected one of {sorted(PREFIX)}")
+    if not salt:
+        raise ValueError("ids.salt must be a non-empty string")
+    msg = f"{kind}\x00{raw}".encode()
+    digest = hmac.new(salt.encode(), msg, hashlib.sha256).hexdigest()[:length]
+    return f"{PREFIX[kind]}-{digest}"
+
+
+def case_id(study_uid: str, series_uid: str, salt: str) -> str:
+    """Pseudonymous case id for one series of one study."""
+    return pseudonym("case", f"{study_uid}/{series_uid}", salt)
+
+
+def sanitize(value: str, max_len: int = 64) -> str:
+    """Make any string safe as a single path component (no separators, no dots-only names)."""
+    cleaned = _SAFE.sub("_", str(value)).strip("_")[:max_len]
+    return cleaned or "unnamed"

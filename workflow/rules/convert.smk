@@ -1,0 +1,27 @@
+rule convert:
+    input:
+        files=case_filelist,
+    output:
+        nifti="results/nifti/{case}.nii.gz",
+        sidecar="results/nifti/{case}.json",
+    log:
+        "logs/convert/{case}.log",
+    benchmark:
+        "benchmarks/convert/{case}.tsv"
+    conda:
+        "../../envs/convert.yaml"
+    threads: config["convert"]["threads"]
+    resources:
+        mem_mb=4000,
+    params:
+        settings=as_json(without(config["convert"], "threads")),
+        series_id=case_series_id,
+    shell:
+        "radflow convert {input.files:q} {output.nifti:q} --sidecar {output.sidecar:q} "
+        "--settings {params.settings:q} --case-id {wildcards.case} "
+        "--series-id {params.series_id} --threads {threads} > {log} 2>&1"
+
+
+rule convert_all:
+    input:
+        converted,
