@@ -1,0 +1,155 @@
+"""The Snakemake workflow end to end on a small demo cohort: ingest and convert."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+import pytest
+import yaml
+
+from radflow.demo import _folder, plan_cohort
+
+from .conftest import REPO, SALT, SMALL, tree_digest
+
+pytestmark = pytest.mark.slow
+BIN = str(Path(sys.executable).parent)
+
+
+def _workdir(tmp: Path, cohort: Path, **convert) -> Path:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["raw_dir"] = str(cohort / "raw")
+    cfg["labels"]["path"] = str(cohort / "labels.csv")
+    cfg["ids"]["salt"] = SALT
+    cfg["ingest"]["threads"] = 2
+    cfg["convert"].update({"threads": 1, "spacing_mm": [4.0, 4.0, 4.0], **convert})
+    (tmp / "config").mkdir(parents=True)
+    (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run(
+        [
+            f"{BIN}/snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(workdir),
+            "--cores",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(demo_cohort, tmp_path_factory):
+    work = _workdir(tmp_path_factory.mktemp("wf"), demo_cohort)
+    before = tree_digest(demo_cohort / "raw")
+    proc = snakemake(work)
+    return work, proc, before
+
+
+def test_workflow_runs_ingest_and_convert(run):
+    work, proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inv = pd.read_parquet(work / "results/inventory/series.parquet")
+    sel = inv[inv["selected"]]
+    produced = sorted(p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz"))
+    assert produced == sorted(sel["case_id"])  # rejected series never became jobs
+    for cid in sel["case_id"]:
+        img = nib.load(work / f"results/nifti/{cid}.nii.gz")
+        assert img.get_data_dtype() == "int16"
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        assert (work / f"logs/convert/{cid}.log").exists()
+        assert (work / f"benchmarks/convert/{cid}.tsv").exists()
+
+
+def test_rerun_has_nothing_to_do(run):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    again = snakemake(work, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_raw_tree_unchanged(run, demo_cohort):
+    _, proc, before = run
+    assert proc.returncode == 0
+    assert tree_digest(demo_cohort / "raw") == before
+
+
+def _texts(root: Path, private: Path):
+    for dirpath, _dirs, files in os.walk(root):
+        if Path(dirpath).is_relative_to(private):
+            continue
+        for name in files:
+            p = Path(dirpath) / name
+            if name.endswith(".parquet"):
+                yield p, pd.read_parquet(p).to_csv()
+            elif name.endswith(".gz"):
+                yield p, gzip.decompress(p.read_bytes()).decode("latin-1")
+            else:
+                yield p, p.read_bytes().decode("latin-1")
+
+
+def test_no_phi_outside_private(run, demo_cohort):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    needles = set()
+    for s in plan_cohort(SMALL):
+        needles |= {
+            s.patient_id,
+            s.name,
+            s.name.replace("^", " "),
+            _folder(s.name),
+            _folder(s.patient_id),
+        }
+        for st in s.studies:
+            needles.add(st.accession)
+    studies = pd.read_csv(demo_cohort / "studies.csv")
+    needles |= set(studies["StudyInstanceUID"])
+    dates = {s.birth_date for s in plan_cohort(SMALL)}
+    scanned = 0
+    for sub in ("results", "logs", "benchmarks"):
+        for path, text in _texts(work / sub, work / "results" / "private"):
+            scanned += 1
+            for n in needles:
+                assert n not in text, f"{n!r} found in {path}"
+            for d in dates:
+                assert not re.search(rf"(?<!\d){d}(?!\d)", text), f"birth date in {path}"
+    assert scanned > 20
+    assert "../../etc" in (work / "results/private/id_map.csv").read_text()
+
+
+def test_failing_case_does_not_stop_the_cohort(demo_cohort, tmp_path):
+    raw = tmp_path / "cohort"
+    shutil.copytree(demo_cohort, raw)
+    work = _workdir(tmp_path / "wf", raw)
+    first = snakemake(work, "--until", "ingest")
+    assert first.returncode == 0, first.stderr[-2000:]
+    lists = sorted((work / "results/private/series").glob("*.txt"))
+    victim_case = lists[0].stem
+    victim = Path(lists[0].read_text().split()[5])
+    with open(victim, "r+b") as fh:  # damaged after indexing, as a copy job might do
+        fh.truncate(victim.stat().st_size // 2)
+    proc = snakemake(work)
+    assert proc.returncode != 0
+    done = {p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz")}
+    assert done == {p.stem for p in lists} - {victim_case}
+    log = (work / f"logs/convert/{victim_case}.log").read_text()
+    assert "refused [TRUNCATED]" in log
+    assert not (work / f"results/nifti/{victim_case}.nii.gz").exists()
+    assert not list((work / "results/nifti").glob(".*.part"))
