@@ -8,12 +8,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 from isal import igzip_threaded
+
+if TYPE_CHECKING:  # pandas costs ~60 MiB of RSS; convert never needs it
+    import pandas as pd
 
 # Level 1 of ISA-L's deflate is both faster and smaller than zlib level 1 on CT int16 data.
 GZIP_LEVEL = 1
