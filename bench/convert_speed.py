@@ -26,7 +26,8 @@ from radflow.demo import VENDORS, Phantom, SeriesSpec, StudySpec, SubjectSpec, w
 MEASURE = (
     "import resource, subprocess, sys, time\n"
     "t = time.perf_counter()\n"
-    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode\n"
+    "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+    "rc = p.returncode\n"
     "dt = time.perf_counter() - t\n"
     "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, rc)\n"
 )
@@ -92,7 +93,8 @@ def main() -> None:
     t = time.perf_counter()
     make_series(series, args.rows, args.slices)
     print(
-        f"series: {args.rows}x{args.rows}x{args.slices} in {series} (made in {time.perf_counter() - t:.1f} s)"
+        f"series: {args.rows}x{args.rows}x{args.slices} in {series} "
+        f"(made in {time.perf_counter() - t:.1f} s)"
     )
     bin_dir = Path(sys.executable).parent
     out_dir = work / "out"
@@ -138,17 +140,20 @@ def main() -> None:
             results[name].append(timed(cmd))
     vol_bytes = args.rows * args.rows * args.slices * 2
     print(
-        f"int16 volume: {vol_bytes / 2**20:.0f} MiB; repeats: {args.repeats}; radflow threads: {args.threads}"
+        f"int16 volume: {vol_bytes / 2**20:.0f} MiB; repeats: {args.repeats}; "
+        f"radflow threads: {args.threads}"
     )
     med = {}
     for name, runs in results.items():
         med[name] = statistics.median(r[0] for r in runs)
         rss = max(r[1] for r in runs)
         print(
-            f"{name:12s} median {med[name]:6.2f} s   peak RSS {rss / 2**20:7.0f} MiB ({rss / vol_bytes:.2f}x volume)"
+            f"{name:12s} median {med[name]:6.2f} s   peak RSS {rss / 2**20:7.0f} MiB "
+            f"({rss / vol_bytes:.2f}x volume)"
         )
     print(
-        f"ratio radflow / dcm2niix wall time: {med['radflow'] / med['dcm2niix']:.2f} (target <= 1.0)"
+        f"ratio radflow / dcm2niix wall time: {med['radflow'] / med['dcm2niix']:.2f} "
+        "(target <= 1.0)"
     )
     a = nib.load(out_dir / "radflow.nii.gz")
     b = nib.load(out_dir / "dcm2niix.nii.gz")

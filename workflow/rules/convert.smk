@@ -1,5 +1,8 @@
 rule convert:
     input:
+        # ancient: the edge from ingest without re-converting every case whenever the
+        # inventory is rewritten; the per-case file list is what triggers a conversion
+        inventory=ancient("results/inventory/series.parquet"),
         files=case_filelist,
     output:
         nifti="results/nifti/{case}.nii.gz",
