@@ -192,3 +192,38 @@ def test_raw_tree_is_not_modified_by_ingest(demo_cohort, tmp_path):
         threads=1,
     )
     assert tree_digest(demo_cohort / "raw") == before
+
+
+def test_labels_join_by_study_instance_uid(demo_cohort, tmp_path):
+    studies = pd.read_csv(demo_cohort / "studies.csv", dtype=str)
+    sheet = studies[["StudyInstanceUID", "label"]].iloc[1:]  # first study left unlabeled
+    sheet.to_csv(tmp_path / "by_study.csv", index=False)
+    spec = ingest.LabelSpec(path=str(tmp_path / "by_study.csv"), key="StudyInstanceUID")
+    pub = ingest.run(
+        demo_cohort / "raw",
+        tmp_path / "inv",
+        tmp_path / "priv",
+        ingest.SelectionRules(),
+        spec,
+        "salt-for-this-test",
+        threads=1,
+    )
+    idmap = pd.read_csv(tmp_path / "priv" / "id_map.csv", dtype=str)
+    sel = pub[pub["selected"]].merge(idmap[["case_id", "StudyInstanceUID"]], on="case_id")
+    want = dict(zip(studies["StudyInstanceUID"], studies["label"].astype(int), strict=True))
+    first = studies["StudyInstanceUID"].iloc[0]
+    for uid, label, has in zip(
+        sel["StudyInstanceUID"], sel["label"], sel["has_label"], strict=True
+    ):
+        assert has == (uid != first)
+        if has:
+            assert label == want[uid]
+
+
+def test_labels_sheet_errors_are_specific(tmp_path):
+    (tmp_path / "l.csv").write_text("PatientID,diagnosis\nA,1\n")
+    with pytest.raises(ValueError, match="no column 'label'"):
+        ingest.read_labels(ingest.LabelSpec(path=str(tmp_path / "l.csv")))
+    (tmp_path / "d.csv").write_text("PatientID,label\nA,1\nA,0\n")
+    with pytest.raises(ValueError, match="duplicated PatientID"):
+        ingest.read_labels(ingest.LabelSpec(path=str(tmp_path / "d.csv")))
