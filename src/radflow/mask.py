@@ -1,0 +1,238 @@
+"""mask: ROI union, dilation in mm, background fill, organ crop and fixed-size resampling.
+
+"Find the organ first, then look closely": the segmentation picks the region, the crop follows
+it with a margin, and the crop is resampled (aspect ratio kept, isotropic voxels) to a fixed
+``size`` for the classifier. Every output keeps world coordinates: the affine follows the crop.
+
+A case whose ROI is empty or implausibly small is not a crash: ``mask`` still writes its
+outputs and a status JSON with ``usable: false`` and the reason, which the manifest reads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from radflow import geometry
+from radflow.convert import resample
+from radflow.io import save_nifti, write_json
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """Masking settings (config key ``mask``)."""
+
+    rois: tuple[str, ...] = ("liver",)
+    dilation_mm: float = 0.0
+    background_hu: float = -1024.0
+    crop: bool = True
+    margin_mm: float = 10.0
+    size: tuple[int, int, int] | None = (64, 64, 64)
+    min_roi_ml: float = 5.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> MaskSettings:
+        """Build from a config mapping (unknown keys are an error)."""
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown mask keys: {sorted(unknown)}")
+        if "rois" in d:
+            d["rois"] = tuple(d["rois"])
+        if d.get("size") is not None:
+            d["size"] = tuple(int(v) for v in d["size"])
+        return cls(**d)
+
+
+def validate_roi_names(rois: Iterable[str], known: Iterable[str]) -> None:
+    """Raise a clear error for ROI names that are not classes, listing close matches."""
+    known = list(known)
+    problems = []
+    for roi in rois:
+        if roi not in known:
+            close = difflib.get_close_matches(roi, known, n=4, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"{roi!r}{hint}")
+    if problems:
+        raise ValueError(
+            f"unknown ROI name(s) {'; '.join(problems)}: mask.rois must be TotalSegmentator "
+            "class names of the configured task"
+        )
+
+
+def roi_mask(seg: np.ndarray, names: Mapping[int, str], rois: Sequence[str]) -> np.ndarray:
+    """Union of the labels named ``rois`` in a multilabel map."""
+    validate_roi_names(rois, names.values())
+    ids = [i for i, n in names.items() if n in set(rois)]
+    return np.isin(seg, ids)
+
+
+def dilate_mm(mask: np.ndarray, spacing: Sequence[float], mm: float) -> np.ndarray:
+    """Dilate a binary mask by ``mm`` millimetres (Euclidean, honouring anisotropic voxels)."""
+    if mm <= 0 or not mask.any():
+        return mask.copy()
+    pad = [int(np.ceil(mm / s)) + 1 for s in spacing]
+    lo, hi = bbox(mask)
+    lo = [max(0, a - p) for a, p in zip(lo, pad, strict=True)]
+    hi = [min(n, b + p) for b, p, n in zip(hi, pad, mask.shape, strict=True)]
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    dist = ndimage.distance_transform_edt(~mask[sl], sampling=spacing)
+    out = np.zeros_like(mask)
+    out[sl] = dist <= mm + 1e-6
+    return out
+
+
+def bbox(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """Inclusive-exclusive bounding box (lo, hi) of the True voxels."""
+    idx = np.argwhere(mask)
+    return idx.min(0).tolist(), (idx.max(0) + 1).tolist()
+
+
+def crop_box(
+    mask: np.ndarray, spacing: Sequence[float], margin_mm: float
+) -> tuple[list[int], list[int]]:
+    """Bounding box of ``mask`` grown by ``margin_mm`` on every side, clipped to the volume."""
+    lo, hi = bbox(mask)
+    m = [int(np.ceil(margin_mm / s)) for s in spacing]
+    lo = [max(0, a - p) for a, p in zip(lo, m, strict=True)]
+    hi = [min(n, b + p) for b, p, n in zip(hi, m, mask.shape, strict=True)]
+    return lo, hi
+
+
+def shifted_affine(affine: np.ndarray, offset: Sequence[int]) -> np.ndarray:
+    """Affine of a sub-volume starting at voxel ``offset`` of the parent grid."""
+    out = affine.copy()
+    out[:3, 3] = geometry.voxel_to_world(affine, np.asarray(offset, dtype=float))
+    return out
+
+
+def fit_grid(
+    affine: np.ndarray, shape: Sequence[int], size: Sequence[int]
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Isotropic axis-aligned grid of ``size`` voxels centred on a box, the box fitting inside.
+
+    The voxel size is the largest extent/size ratio, so the aspect ratio is kept and the shorter
+    axes are padded.
+    """
+    spacing = geometry.ras_spacing(affine)
+    size_f = np.asarray(size, dtype=float)
+    s = float(np.max(spacing * np.asarray(shape, dtype=float) / size_f))
+    centre = geometry.voxel_to_world(affine, (np.asarray(shape, dtype=float) - 1) / 2)
+    out = np.eye(4)
+    out[:3, :3] = affine[:3, :3] / spacing * s  # same axis directions, voxel size s
+    out[:3, 3] = centre - out[:3, :3] @ ((size_f - 1) / 2)
+    return out, (int(size[0]), int(size[1]), int(size[2]))
+
+
+@dataclass
+class MaskResult:
+    """What ``apply_mask`` produced and decided."""
+
+    masked: np.ndarray
+    roi: np.ndarray
+    affine: np.ndarray
+    usable: bool
+    reason: str
+    roi_ml: float
+    bbox_vox: list[list[int]] | None
+
+
+def apply_mask(
+    image: np.ndarray,
+    affine: np.ndarray,
+    seg: np.ndarray,
+    names: Mapping[int, str],
+    settings: MaskSettings,
+    threads: int = 1,
+) -> MaskResult:
+    """Mask (and crop/resample) one image with its label map; pure (no file I/O)."""
+    if image.shape != seg.shape:
+        raise ValueError(f"image shape {image.shape} != label map shape {seg.shape}")
+    spacing = geometry.ras_spacing(affine)
+    roi = roi_mask(seg, names, settings.rois)
+    roi_ml = float(roi.sum() * np.prod(spacing) / 1000.0)
+    usable, reason = True, ""
+    if roi_ml < settings.min_roi_ml:
+        usable = False
+        reason = (
+            f"ROI {'+'.join(settings.rois)} is "
+            + ("empty" if roi_ml == 0 else f"{roi_ml:.1f} mL")
+            + f" (< mask.min_roi_ml {settings.min_roi_ml:g} mL)"
+        )
+    keep = dilate_mm(roi, spacing, settings.dilation_mm)
+    masked = np.where(keep, image, np.int16(settings.background_hu)).astype(np.int16)
+    out_aff, box = affine, None
+    if settings.crop and keep.any():
+        lo, hi = crop_box(keep, spacing, settings.margin_mm)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        masked, keep = masked[sl], keep[sl]
+        out_aff, box = shifted_affine(affine, lo), [lo, hi]
+    if settings.size is not None:
+        grid_aff, grid_shape = fit_grid(out_aff, masked.shape, settings.size)
+        masked = resample(masked, out_aff, grid_aff, grid_shape, 1, settings.background_hu, threads)
+        keep = resample(keep.astype(np.int16), out_aff, grid_aff, grid_shape, 0, 0, threads) > 0
+        out_aff = grid_aff
+    return MaskResult(masked, keep.astype(np.uint8), out_aff, usable, reason, roi_ml, box)
+
+
+def load_names(path: str | os.PathLike) -> dict[int, str]:
+    """Label id -> class name from a segment JSON sidecar."""
+    import json
+
+    raw = json.loads(Path(path).read_text())
+    labels = raw.get("labels", raw)
+    return {int(k): str(v) for k, v in labels.items()}
+
+
+def run(
+    image_path: str | os.PathLike,
+    seg_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: MaskSettings,
+    roi_path: str | os.PathLike,
+    status_path: str | os.PathLike,
+    names_path: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Mask one case from files; writes the masked volume, the ROI mask and a status JSON."""
+    img = nib.load(str(image_path))
+    seg_img = nib.load(str(seg_path))
+    if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
+        raise ValueError(f"{seg_path}: label map is not on the image grid (affines differ)")
+    names = load_names(names_path or _names_path(seg_path))
+    res = apply_mask(
+        np.asanyarray(img.dataobj).astype(np.int16, copy=False),
+        img.affine,
+        np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False),
+        names,
+        settings,
+        threads,
+    )
+    save_nifti(res.masked, res.affine, out_path, threads=threads)
+    save_nifti(res.roi, res.affine, roi_path, threads=threads)
+    status = {
+        "usable": res.usable,
+        "reason": res.reason,
+        "roi_ml": round(res.roi_ml, 3),
+        "rois": list(settings.rois),
+        "crop_bbox_vox": res.bbox_vox,
+        "shape": list(res.masked.shape),
+        "spacing_mm": [round(float(v), 6) for v in geometry.ras_spacing(res.affine)],
+        "affine": np.round(res.affine, 6).tolist(),
+        "settings": asdict(settings),
+    }
+    write_json(status_path, status)
+    return status
+
+
+def _names_path(seg_path: str | os.PathLike) -> Path:
+    p = Path(seg_path)
+    return p.with_name(p.name.removesuffix(".nii.gz") + ".json")

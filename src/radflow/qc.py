@@ -1,0 +1,121 @@
+"""QC: tri-planar pictures with the ROI outline, and segmentation volume/overlap tables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from radflow import geometry
+
+WINDOW = (40.0, 400.0)  # abdomen soft-tissue window (level, width)
+
+
+def centroid_index(mask: np.ndarray) -> tuple[int, int, int]:
+    """Voxel index of the mask centroid (volume centre when the mask is empty)."""
+    if not mask.any():
+        return tuple(int(n // 2) for n in mask.shape)  # type: ignore[return-value]
+    return tuple(int(round(v)) for v in np.argwhere(mask).mean(0))  # type: ignore[return-value]
+
+
+def triplanar_png(
+    image: np.ndarray,
+    affine: np.ndarray,
+    mask: np.ndarray,
+    out_path: str | os.PathLike,
+    title: str,
+    window: tuple[float, float] = WINDOW,
+) -> None:
+    """Axial, coronal and sagittal slices through the mask centroid with its outline (RAS data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from radflow.io import atomic_path
+
+    sp = geometry.ras_spacing(affine)
+    i, j, k = centroid_index(mask)
+    lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
+    views = [
+        ("axial", image[:, :, k].T, mask[:, :, k].T, (sp[0], sp[1])),
+        ("coronal", image[:, j, :].T, mask[:, j, :].T, (sp[0], sp[2])),
+        ("sagittal", image[i, :, :].T, mask[i, :, :].T, (sp[1], sp[2])),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), facecolor="black")
+    for ax, (name, img, m, (sx, sy)) in zip(axes, views, strict=True):
+        h, w = img.shape
+        extent = (0, w * sx, 0, h * sy)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent)
+        if m.any():
+            ax.contour(
+                m.astype(float),
+                levels=[0.5],
+                colors="#ffb000",
+                linewidths=1.2,
+                origin="lower",
+                extent=extent,
+            )
+        ax.set_title(name, color="white", fontsize=10)
+        ax.set_axis_off()
+    # radiological convention is not applied: RAS arrays, left of picture = patient right
+    fig.suptitle(title, color="white", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, facecolor="black")
+    plt.close(fig)
+
+
+def dice_iou(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two binary masks (NaN when both are empty)."""
+    a, b = a.astype(bool), b.astype(bool)
+    inter = np.logical_and(a, b).sum()
+    total = a.sum() + b.sum()
+    union = np.logical_or(a, b).sum()
+    if total == 0:
+        return float("nan"), float("nan")
+    return float(2 * inter / total), float(inter / union)
+
+
+def to_grid(
+    labels: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int]
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map onto another grid (world coordinates kept)."""
+    from radflow.convert import resample
+
+    if labels.shape == tuple(shape) and np.allclose(affine, target_affine, atol=1e-4):
+        return labels
+    out = resample(labels.astype(np.int16), affine, target_affine, tuple(shape), order=0, fill=0)
+    return out.astype(labels.dtype)
+
+
+def segmentation_rows(
+    case_id: str,
+    seg: np.ndarray,
+    affine: np.ndarray,
+    names: Mapping[int, str],
+    rois: Sequence[str],
+    reference: tuple[np.ndarray, np.ndarray, Mapping[int, str]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per ROI: volume in mL and, when a reference label map is given, Dice and IoU."""
+    voxel_ml = float(np.prod(geometry.ras_spacing(affine))) / 1000.0
+    by_name = {n: i for i, n in names.items()}
+    ref_on_grid, ref_by_name = None, {}
+    if reference is not None:
+        ref, ref_aff, ref_names = reference
+        ref_on_grid = to_grid(ref, ref_aff, affine, seg.shape)
+        ref_by_name = {n: i for i, n in ref_names.items()}
+    rows = []
+    for roi in rois:
+        m = seg == by_name[roi] if roi in by_name else np.zeros(seg.shape, bool)
+        row: dict[str, Any] = {"case_id": case_id, "roi": roi, "volume_ml": m.sum() * voxel_ml}
+        if ref_on_grid is not None and roi in ref_by_name:
+            r = ref_on_grid == ref_by_name[roi]
+            row["reference_volume_ml"] = r.sum() * voxel_ml
+            row["dice"], row["iou"] = dice_iou(m, r)
+        else:
+            row["reference_volume_ml"] = row["dice"] = row["iou"] = float("nan")
+        rows.append(row)
+    return rows

@@ -1,0 +1,145 @@
+"""mask: geometry of the crop, background, dilation in mm, exclusions; QC metrics."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radflow import geometry, mask, qc
+from radflow.io import save_nifti
+
+NAMES = {1: "spleen", 5: "liver", 2: "kidney_right"}
+
+
+def _case(shape=(60, 50, 40), spacing=(0.8, 0.8, 2.5)):
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = [-20.0, 15.0, -100.0]
+    img = np.full(shape, 30, np.int16)
+    seg = np.zeros(shape, np.uint8)
+    seg[20:40, 10:30, 10:25] = 5  # liver block
+    seg[45:50, 35:40, 5:8] = 1
+    img[seg == 5] = 60
+    img[30, 20, 17] = 999  # a known voxel inside the ROI
+    return img, aff, seg
+
+
+def test_crop_affine_keeps_world_position():
+    img, aff, seg = _case()
+    s = mask.MaskSettings(rois=("liver",), margin_mm=5.0, size=None)
+    res = mask.apply_mask(img, aff, seg, NAMES, s)
+    world = geometry.voxel_to_world(aff, [30, 20, 17])
+    ijk = np.rint(geometry.voxel_to_world(np.linalg.inv(res.affine), world)).astype(int)
+    assert res.masked[tuple(ijk)] == 999
+    lo, hi = res.bbox_vox
+    assert lo == [20 - 7, 10 - 7, 10 - 2] and hi == [
+        40 + 7,
+        30 + 7,
+        25 + 2,
+    ]  # ceil(5/0.8)=7, ceil(5/2.5)=2
+    assert res.masked.shape == tuple(b - a for a, b in zip(lo, hi, strict=True))
+
+
+def test_background_value_outside_roi():
+    img, aff, seg = _case()
+    res = mask.apply_mask(
+        img, aff, seg, NAMES, mask.MaskSettings(background_hu=-777, crop=False, size=None)
+    )
+    assert (res.masked[seg != 5] == -777).all()
+    assert (res.masked[seg == 5] >= 60).all()
+    assert res.masked.dtype == np.int16
+
+
+def test_dilation_is_in_mm_on_anisotropic_voxels():
+    shape, spacing = (41, 41, 41), (0.5, 0.5, 2.0)
+    m = np.zeros(shape, bool)
+    m[20, 20, 20] = True
+    d = mask.dilate_mm(m, spacing, 4.0)
+    idx = np.argwhere(d)
+    assert idx[:, 0].min() == 20 - 8 and idx[:, 0].max() == 20 + 8  # 4 mm / 0.5 mm
+    assert idx[:, 2].min() == 20 - 2 and idx[:, 2].max() == 20 + 2  # 4 mm / 2 mm
+    assert not d[20 + 6, 20 + 6, 20]  # 4.24 mm away: outside the ball
+
+
+def test_fixed_size_resample_keeps_world_and_aspect():
+    img, aff, seg = _case()
+    res = mask.apply_mask(img, aff, seg, NAMES, mask.MaskSettings(size=(32, 32, 32), margin_mm=0))
+    assert res.masked.shape == (32, 32, 32) and res.roi.shape == (32, 32, 32)
+    sp = geometry.ras_spacing(res.affine)
+    assert np.allclose(sp, sp[0])  # isotropic: aspect kept
+    # the ROI box centre stays at the same world point
+    box_centre = geometry.voxel_to_world(aff, [29.5, 19.5, 17.0])
+    grid_centre = geometry.voxel_to_world(res.affine, [15.5, 15.5, 15.5])
+    np.testing.assert_allclose(box_centre, grid_centre, atol=1e-6)
+    roi_world = geometry.voxel_to_world(res.affine, np.argwhere(res.roi).mean(0))
+    np.testing.assert_allclose(roi_world, box_centre, atol=sp[0])
+
+
+def test_empty_roi_is_excluded_with_reason():
+    img, aff, seg = _case()
+    seg[seg == 5] = 0
+    res = mask.apply_mask(img, aff, seg, NAMES, mask.MaskSettings())
+    assert not res.usable and "empty" in res.reason
+
+
+def test_small_roi_is_excluded_with_reason():
+    img, aff, seg = _case()
+    res = mask.apply_mask(img, aff, seg, NAMES, mask.MaskSettings(rois=("spleen",), min_roi_ml=1.0))
+    assert not res.usable and "0.1 mL" in res.reason  # 5*5*3 voxels of 1.6 uL
+
+
+def test_bad_roi_name_lists_close_matches():
+    with pytest.raises(ValueError, match="did you mean liver"):
+        mask.validate_roi_names(["livers"], NAMES.values())
+
+
+def test_run_writes_outputs_and_status(tmp_path):
+    img, aff, seg = _case()
+    save_nifti(img, aff, tmp_path / "img.nii.gz")
+    save_nifti(seg, aff, tmp_path / "seg.nii.gz")
+    (tmp_path / "seg.json").write_text(
+        json.dumps({"labels": {str(k): v for k, v in NAMES.items()}})
+    )
+    st = mask.run(
+        tmp_path / "img.nii.gz",
+        tmp_path / "seg.nii.gz",
+        tmp_path / "m.nii.gz",
+        mask.MaskSettings(size=(16, 16, 16)),
+        tmp_path / "roi.nii.gz",
+        tmp_path / "st.json",
+    )
+    assert st["usable"] and st["shape"] == [16, 16, 16]
+    m = nib.load(tmp_path / "m.nii.gz")
+    assert m.get_data_dtype() == np.int16
+    np.testing.assert_allclose(m.affine, nib.load(tmp_path / "roi.nii.gz").affine)
+
+
+def test_segmentation_metrics_against_reference_on_another_grid():
+    img, aff, seg = _case()
+    ref_aff = aff.copy()
+    ref_aff[:3, :3] *= 2  # coarser reference grid
+    ref = np.zeros((30, 25, 20), np.uint8)
+    ref[10:20, 5:15, 5:12] = 7  # the same liver block (half-res indices), own label id
+    rows = qc.segmentation_rows("case-x", seg, aff, NAMES, ["liver"], (ref, ref_aff, {7: "liver"}))
+    assert 0.75 < rows[0]["dice"] < 1 and 0.6 < rows[0]["iou"] < 1  # nearest-neighbour edges
+    same = qc.segmentation_rows("case-x", seg, aff, NAMES, ["liver", "spleen"], (seg, aff, NAMES))
+    assert [r["dice"] for r in same] == [1.0, 1.0]
+    shifted = np.roll(seg, 10, axis=0)
+    moved = qc.segmentation_rows("case-x", seg, aff, NAMES, ["liver"], (shifted, aff, NAMES))
+    assert moved[0]["dice"] == pytest.approx(0.5)
+    assert rows[0]["volume_ml"] == pytest.approx(20 * 20 * 15 * 0.8 * 0.8 * 2.5 / 1000)
+
+
+def test_dice_iou_values():
+    a = np.zeros(10, bool)
+    b = np.zeros(10, bool)
+    a[:4], b[2:6] = True, True
+    assert qc.dice_iou(a, b) == (0.5, pytest.approx(1 / 3))
+
+
+def test_qc_picture_is_written(tmp_path):
+    img, aff, seg = _case()
+    qc.triplanar_png(img, aff, seg == 5, tmp_path / "q.png", "case-x  liver 15.4 mL")
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
