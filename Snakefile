@@ -16,6 +16,9 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/convert.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/mask.smk"
+include: "workflow/rules/manifest.smk"
 
 
 rule all:
@@ -23,3 +26,5 @@ rule all:
     input:
         "results/inventory/series.parquet",
         converted,
+        masked,
+        MANIFESTS,

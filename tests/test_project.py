@@ -105,7 +105,7 @@ def test_snakemake_lint_is_clean():
 
 def test_cli_has_a_subcommand_per_stage():
     sub = build_parser()._subparsers._group_actions[0].choices
-    for stage in ("demo-data", "ingest", "convert"):
+    for stage in ("demo-data", "ingest", "convert", "segment", "mask", "qc-table"):
         assert stage in sub
 
 

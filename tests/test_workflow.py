@@ -30,6 +30,10 @@ def _workdir(tmp: Path, cohort: Path, **convert) -> Path:
     cfg["ids"]["salt"] = SALT
     cfg["ingest"]["threads"] = 2
     cfg["convert"].update({"threads": 1, "spacing_mm": [4.0, 4.0, 4.0], **convert})
+    cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    cfg["segment"]["device"] = "cpu"
+    cfg["qc"]["reference"] = str(cohort / "ground_truth" / "{StudyInstanceUID}" / "organs.nii.gz")
+    cfg["mask"]["size"] = [32, 32, 32]
     (tmp / "config").mkdir(parents=True)
     (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     return tmp
@@ -63,7 +67,7 @@ def run(demo_cohort, tmp_path_factory):
     return work, proc, before
 
 
-def test_workflow_runs_ingest_and_convert(run):
+def test_workflow_runs_ingest_and_convert(run):  # and segment and mask
     work, proc, _ = run
     assert proc.returncode == 0, proc.stderr[-3000:]
     inv = pd.read_parquet(work / "results/inventory/series.parquet")
@@ -76,6 +80,21 @@ def test_workflow_runs_ingest_and_convert(run):
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
         assert (work / f"logs/convert/{cid}.log").exists()
         assert (work / f"benchmarks/convert/{cid}.tsv").exists()
+        seg = nib.load(work / f"results/seg/{cid}.nii.gz")
+        assert seg.shape == img.shape and (seg.affine == img.affine).all()
+        masked_img = nib.load(work / f"results/masked/{cid}.nii.gz")
+        assert masked_img.shape == (32, 32, 32) and masked_img.get_data_dtype() == "int16"
+        assert (work / f"results/qc/{cid}.png").stat().st_size > 1000
+
+
+def test_segmentation_qc_has_dice_against_the_phantom_truth(run):
+    work, proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(work / "results/qc/segmentation.csv")
+    liver = table[table["roi"] == "liver"]
+    assert len(liver) == len(list((work / "results/masked").glob("case-*_roi.nii.gz")))
+    assert liver["dice"].notna().all() and liver["dice"].median() > 0.85
+    assert (liver["volume_ml"] > 100).all()
 
 
 def test_rerun_has_nothing_to_do(run):
@@ -145,7 +164,7 @@ def test_failing_case_does_not_stop_the_cohort(demo_cohort, tmp_path):
     victim = Path(lists[0].read_text().split()[5])
     with open(victim, "r+b") as fh:  # damaged after indexing, as a copy job might do
         fh.truncate(victim.stat().st_size // 2)
-    proc = snakemake(work)
+    proc = snakemake(work, "convert_all")
     assert proc.returncode != 0
     done = {p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz")}
     assert done == {p.stem for p in lists} - {victim_case}
@@ -153,3 +172,65 @@ def test_failing_case_does_not_stop_the_cohort(demo_cohort, tmp_path):
     assert "refused [TRUNCATED]" in log
     assert not (work / f"results/nifti/{victim_case}.nii.gz").exists()
     assert not list((work / "results/nifti").glob(".*.part"))
+
+
+def test_unknown_roi_name_stops_the_workflow_at_start(demo_cohort, tmp_path):
+    work = _workdir(tmp_path, demo_cohort)
+    cfg = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    cfg["mask"]["rois"] = ["livers"]
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "-n")
+    assert proc.returncode != 0
+    assert "unknown ROI name(s) 'livers' (did you mean liver" in proc.stdout + proc.stderr
+
+
+def test_manifests_are_written_and_consistent(run):
+    work, proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from radflow import manifest
+
+    cases = manifest.read(work / "manifests/cases.parquet")
+    csv = manifest.read(work / "manifests/cases.csv")
+    assert list(cases.columns) == list(csv.columns) == manifest.CASE_COLUMNS
+    assert len(cases) == len(csv)
+    assert (cases.groupby("subject_id")["split"].nunique() == 1).all()
+    assert set(cases["split"]) == {"train", "val", "test"}
+    for col in ("image", "label_map", "masked", "roi", "qc"):
+        assert all((work / p).exists() for p in cases[col])
+    excluded = pd.read_csv(work / "manifests/excluded.csv")
+    assert {"ingest", "label"} <= set(excluded["stage"])
+    inv = pd.read_parquet(work / "results/inventory/series.parquet")
+    assert len(excluded) + len(cases) == len(inv)  # every series is accounted for
+    for split in ("train", "val", "test"):
+        part = pd.read_csv(work / f"manifests/split_{split}.csv")
+        assert set(part["case_id"]) == set(cases.loc[cases["split"] == split, "case_id"])
+
+
+def test_monai_reads_the_datalist(run):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    from monai.data import load_decathlon_datalist
+
+    items = load_decathlon_datalist(
+        str(work / "manifests/datalist.json"), is_segmentation=False, data_list_key="training"
+    )
+    assert items and all(Path(i["image"]).exists() for i in items)
+    assert {i["label"] for i in items} <= {0, 1}
+    val = load_decathlon_datalist(
+        str(work / "manifests/datalist.json"), is_segmentation=False, data_list_key="validation"
+    )
+    assert not {i["case_id"] for i in items} & {i["case_id"] for i in val}
+
+
+def test_case_dataset_yields_tensors(run):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    from radflow.data import CaseDataset
+
+    ds = CaseDataset(work / "manifests/cases.parquet", split="train", channels=("image", "roi"))
+    x, label, case_id = ds[0]
+    assert tuple(x.shape) == (2, 32, 32, 32) and str(x.dtype) == "torch.float32"
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert set(x[1].unique().tolist()) <= {0.0, 1.0} and x[1].sum() > 0
+    assert label in (0, 1) and case_id.startswith("case-")
+    assert len(ds) == len(ds.labels)

@@ -101,6 +101,114 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment one image (TotalSegmentator offline, or a precomputed mask)."""
+    from radflow import segment
+
+    settings = segment.SegmentSettings.from_dict(args.settings)
+    try:
+        info = segment.run(
+            args.image,
+            args.out,
+            settings,
+            names_path=args.names,
+            precomputed=args.precomputed,
+            threads=_threads(args.threads),
+        )
+    except segment.WeightsMissingError as exc:
+        print(f"radflow segment: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {len(info['present'])} labels present in {info['seconds']} s")
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    """Mask, crop and resample one case; QC picture and segmentation table."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from radflow import mask, qc
+    from radflow.io import write_table
+
+    settings = mask.MaskSettings.from_dict(args.settings)
+    threads = _threads(args.threads)
+    status = mask.run(
+        args.image,
+        args.seg,
+        args.out,
+        settings,
+        args.roi_out,
+        args.status,
+        names_path=args.names,
+        threads=threads,
+    )
+    img = nib.load(args.image)
+    seg = np.asanyarray(nib.load(args.seg).dataobj)
+    names = mask.load_names(args.names or mask._names_path(args.seg))
+    if args.qc:
+        roi = mask.roi_mask(seg, names, settings.rois)
+        title = f"{args.case_id}   {'+'.join(settings.rois)} {status['roi_ml']:.1f} mL"
+        if not status["usable"]:
+            title += f"   EXCLUDED: {status['reason']}"
+        qc.triplanar_png(np.asanyarray(img.dataobj), img.affine, roi, args.qc, title)
+    if args.seg_qc:
+        ref = None
+        if args.reference:
+            r = nib.load(args.reference)
+            ref = (
+                np.asanyarray(r.dataobj),
+                r.affine,
+                mask.load_names(args.reference_names or mask._names_path(args.reference)),
+            )
+        rows = qc.segmentation_rows(args.case_id, seg, img.affine, names, settings.rois, ref)
+        write_table(pd.DataFrame(rows), args.seg_qc)
+    state = "usable" if status["usable"] else f"excluded: {status['reason']}"
+    print(f"wrote {args.out}: shape {status['shape']}, ROI {status['roi_ml']:.1f} mL, {state}")
+    return 0
+
+
+def cmd_qc_table(args: argparse.Namespace) -> int:
+    """Concatenate per-case segmentation QC tables."""
+    import pandas as pd
+
+    from radflow.io import write_table
+
+    frames = [pd.read_csv(p) for p in args.inputs]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    write_table(df, args.out)
+    if "dice" in df and df["dice"].notna().any():
+        print(df.groupby("roi")[["volume_ml", "dice", "iou"]].describe().T.to_string())
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    """Write manifests/ from the inventory and the per-case outputs."""
+    from radflow import manifest
+
+    s = manifest.SplitSettings(**args.settings)
+    cases = manifest.run(args.inventory, args.root, args.out_dir, s, args.config_hash)
+    print(f"{len(cases)} cases in {cases['subject_id'].nunique()} subjects")
+    print(manifest.summary(cases))
+    return 0
+
+
+def cmd_train_phantom_model(args: argparse.Namespace) -> int:
+    """Train the phantom nnU-Net model shipped under resources/."""
+    from radflow import phantom_model
+
+    dice = phantom_model.train(
+        args.out_dir,
+        iterations=args.iterations,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        seed=args.seed,
+        threads=_threads(args.threads),
+    )
+    print(f"validation Dice: {dice}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="radflow", description=__doc__)
@@ -142,6 +250,53 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--series-uid", default=None, help="pick one series from a mixed folder")
     c.add_argument("--threads", type=int, default=1)
     c.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("segment", help="organ label map for one image (TotalSegmentator)")
+    s.add_argument("image")
+    s.add_argument("out", help="label map .nii.gz (uint8, on the image grid)")
+    s.add_argument("--names", default=None, help="label-name JSON (default beside OUT)")
+    s.add_argument("--settings", type=_json_arg, default={}, help="segment settings as JSON")
+    s.add_argument("--precomputed", default=None, help="user mask (backend: precomputed)")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=cmd_segment)
+
+    m = sub.add_parser("mask", help="mask, crop and resample one case, with QC")
+    m.add_argument("image")
+    m.add_argument("seg")
+    m.add_argument("out", help="masked volume .nii.gz (int16)")
+    m.add_argument("--roi-out", required=True, help="ROI mask on the masked grid (uint8)")
+    m.add_argument("--status", required=True, help="status JSON (usable, reason, ROI volume)")
+    m.add_argument("--names", default=None, help="label-name JSON of SEG (default beside it)")
+    m.add_argument("--settings", type=_json_arg, default={}, help="mask settings as JSON")
+    m.add_argument("--qc", default=None, help="tri-planar QC picture (PNG)")
+    m.add_argument("--seg-qc", default=None, help="per-ROI volume/Dice table (CSV)")
+    m.add_argument("--reference", default=None, help="reference label map for Dice/IoU")
+    m.add_argument("--reference-names", default=None, help="its label-name JSON")
+    m.add_argument("--case-id", default="")
+    m.add_argument("--threads", type=int, default=1)
+    m.set_defaults(func=cmd_mask)
+
+    q = sub.add_parser("qc-table", help="concatenate per-case segmentation QC tables")
+    q.add_argument("out")
+    q.add_argument("inputs", nargs="*")
+    q.set_defaults(func=cmd_qc_table)
+
+    mf = sub.add_parser("manifest", help="write manifests/ (cases, exclusions, splits)")
+    mf.add_argument("inventory", help="results/inventory/series.parquet")
+    mf.add_argument("out_dir", help="manifests folder")
+    mf.add_argument("--root", default=".", help="project folder the case paths are relative to")
+    mf.add_argument("--settings", type=_json_arg, default={}, help="split settings as JSON")
+    mf.add_argument("--config-hash", default="unknown-config", help="hash of the workflow config")
+    mf.set_defaults(func=cmd_manifest)
+
+    t = sub.add_parser("train-phantom-model", help="train the shipped phantom nnU-Net model")
+    t.add_argument("out_dir")
+    t.add_argument("--iterations", type=int, default=1200)
+    t.add_argument("--n-train", type=int, default=24)
+    t.add_argument("--n-val", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.set_defaults(func=cmd_train_phantom_model)
     return p
 
 

@@ -20,7 +20,6 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,13 @@ import scipy
 from dicom2nifti import common as d2n_common
 from dicom2nifti import settings as d2n_settings
 from dicom2nifti.exceptions import ConversionError, ConversionValidationError
-from scipy import ndimage
 from tqdm import tqdm
 
 import radflow
 from radflow import geometry, ids
 from radflow.io import save_nifti, write_json
+from radflow.resampling import resample
+from radflow.settings import section
 
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
@@ -67,10 +67,7 @@ class ConvertSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ConvertSettings:
         """Build from a config mapping (unknown keys are an error)."""
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown convert keys: {sorted(unknown)}")
+        d = section(cls, d, "convert")
         for key in ("spacing_mm", "hu_clip"):
             if d.get(key) is not None:
                 d[key] = tuple(float(v) for v in d[key])
@@ -321,49 +318,6 @@ def read_volume(
 
 
 # --------------------------------------------------------------------------- resampling
-
-
-def resample(
-    vol: np.ndarray,
-    affine: np.ndarray,
-    target_affine: np.ndarray,
-    target_shape: tuple[int, int, int],
-    order: int = 1,
-    fill: float = -1024.0,
-    threads: int = 1,
-    slab: int = 16,
-) -> np.ndarray:
-    """Resample ``vol`` onto a target grid (world coordinates preserved); int16 output."""
-    m = np.linalg.inv(affine) @ target_affine  # target voxel -> source voxel
-    src = vol
-    if order > 1:
-        src = ndimage.spline_filter(vol, order=order, output=np.float32)
-    out = np.empty(target_shape, dtype=np.int16, order="F")
-
-    def work(z0: int) -> None:
-        nz = min(slab, target_shape[2] - z0)
-        off = m[:3, :3] @ np.array([0.0, 0.0, z0]) + m[:3, 3]
-        res = ndimage.affine_transform(
-            src,
-            m[:3, :3],
-            offset=off,
-            output_shape=(*target_shape[:2], nz),
-            output=np.float32,
-            order=order,
-            mode="constant",
-            cval=fill,
-            prefilter=False,
-        )
-        out[:, :, z0 : z0 + nz] = np.clip(np.rint(res), -32768, 32767).astype(np.int16)
-
-    starts = range(0, target_shape[2], slab)
-    if threads > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(work, starts))
-    else:
-        for z0 in starts:
-            work(z0)
-    return out
 
 
 def target_grid(

@@ -32,21 +32,22 @@ from radflow.io import save_nifti
 XRAY_DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
-# label id -> TotalSegmentator class name (ground-truth organ masks use these names)
+# Ground-truth label ids are TotalSegmentator's ``total`` task ids, so a demo mask reads like a
+# TotalSegmentator output (and can stand in for one with segment.backend: precomputed).
 ORGAN_LABELS: dict[int, str] = {
-    1: "liver",
-    2: "spleen",
-    3: "kidney_right",
-    4: "kidney_left",
-    5: "lung_lower_lobe_right",
-    6: "lung_lower_lobe_left",
-    7: "aorta",
-    8: "vertebrae_T11",
-    9: "vertebrae_T12",
-    10: "vertebrae_L1",
-    11: "vertebrae_L2",
-    12: "vertebrae_L3",
-    13: "vertebrae_L4",
+    1: "spleen",
+    2: "kidney_right",
+    3: "kidney_left",
+    5: "liver",
+    11: "lung_lower_lobe_left",
+    14: "lung_lower_lobe_right",
+    28: "vertebrae_L4",
+    29: "vertebrae_L3",
+    30: "vertebrae_L2",
+    31: "vertebrae_L1",
+    32: "vertebrae_T12",
+    33: "vertebrae_T11",
+    52: "aorta",
 }
 HU = {
     "air": -1000.0,
@@ -90,17 +91,17 @@ class Phantom:
         x, y, z = q[..., 0], q[..., 1], q[..., 2]
         lab = np.zeros(q.shape[:-1], dtype=np.uint8)
         body = (x / 150) ** 2 + (y / 110) ** 2 <= 1
-        for sign, lid in ((-1, 5), (1, 6)):  # right lung at -x (LPS), left at +x
+        for sign, lid in ((-1, 14), (1, 11)):  # right lung at -x (LPS), left at +x
             lab[_ellipsoid(q, (sign * 75, 10, 110), (55, 70, 90)) & body] = lid
-        lab[_ellipsoid(q, (-60, -5, 0), (80, 75, 65))] = 1
-        lab[_ellipsoid(q, (85, 40, 10), (30, 45, 50))] = 2
-        lab[_ellipsoid(q, (-65, 55, -60), (28, 28, 50))] = 3
-        lab[_ellipsoid(q, (65, 55, -60), (28, 28, 50))] = 4
-        lab[((x - 15) / 12) ** 2 + ((y - 35) / 12) ** 2 <= 1] = 7
+        lab[_ellipsoid(q, (-60, -5, 0), (80, 75, 65))] = 5
+        lab[_ellipsoid(q, (85, 40, 10), (30, 45, 50))] = 1
+        lab[_ellipsoid(q, (-65, 55, -60), (28, 28, 50))] = 2
+        lab[_ellipsoid(q, (65, 55, -60), (28, 28, 50))] = 3
+        lab[((x - 15) / 12) ** 2 + ((y - 35) / 12) ** 2 <= 1] = 52
         for i in range(6):  # T11 .. L4, 28 mm bodies with 8 mm discs
             zc = 40 - 36 * i
             vert = ((x / 20) ** 2 + ((y - 75) / 18) ** 2 <= 1) & (np.abs(z - zc) <= 14)
-            lab[vert] = 8 + i
+            lab[vert] = 33 - i
         return lab
 
     def lesion(self, points: np.ndarray) -> np.ndarray:
@@ -118,28 +119,26 @@ class Phantom:
         out[(x / 150) ** 2 + (y / 110) ** 2 <= 1] = HU["fat"]
         out[(x / 135) ** 2 + (y / 95) ** 2 <= 1] = HU["soft"]
         lab = self.labels(points)
-        table = np.array(
-            [
-                np.nan,
-                HU["liver"],
-                HU["spleen"],
-                HU["kidney"],
-                HU["kidney"],
-                HU["lung"],
-                HU["lung"],
-                HU["aorta"],
-            ]
-            + [HU["bone"]] * 6,
-            dtype=np.float32,
-        )
         has = lab > 0
-        out[has] = table[lab[has]]
+        out[has] = _HU_LUT[lab[has]]
         # intervertebral discs between the vertebral bodies
         disc = ((x / 20) ** 2 + ((y - 75) / 18) ** 2 <= 1) & (lab == 0)
         out[disc & (np.abs(q[..., 2]) < 260)] = HU["disc"]
         les = self.lesion(points)
         out[les] = HU["liver"] + self.lesion_contrast_hu
         return out
+
+
+def _organ_hu(name: str) -> float:
+    for key in ("liver", "spleen", "kidney", "lung", "aorta"):
+        if name.startswith(key):
+            return HU[key]
+    return HU["bone"]  # vertebrae
+
+
+_HU_LUT = np.zeros(256, dtype=np.float32)
+for _id, _name in ORGAN_LABELS.items():
+    _HU_LUT[_id] = _organ_hu(_name)
 
 
 def _ellipsoid(q: np.ndarray, c: tuple, r: tuple) -> np.ndarray:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from radflow import geometry, ids
 from radflow.io import write_table, write_text
+from radflow.settings import section
 
 PHI_COLUMNS = (
     "PatientID",
@@ -59,11 +60,7 @@ class SelectionRules:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SelectionRules:
         """Build from a config mapping (unknown keys are an error)."""
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown selection keys: {sorted(unknown)}; known: {sorted(known)}")
+        d = section(cls, d, "selection")
         for key in ("modalities", "exclude_image_types", "orientations"):
             if key in d:
                 d[key] = tuple(d[key])

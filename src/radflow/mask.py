@@ -22,8 +22,9 @@ import numpy as np
 from scipy import ndimage
 
 from radflow import geometry
-from radflow.convert import resample
 from radflow.io import save_nifti, write_json
+from radflow.resampling import resample
+from radflow.settings import section
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,7 @@ class MaskSettings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MaskSettings:
         """Build from a config mapping (unknown keys are an error)."""
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown mask keys: {sorted(unknown)}")
+        d = section(cls, d, "mask")
         if "rois" in d:
             d["rois"] = tuple(d["rois"])
         if d.get("size") is not None:

@@ -83,7 +83,7 @@ def to_grid(
     labels: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, shape: Sequence[int]
 ) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto another grid (world coordinates kept)."""
-    from radflow.convert import resample
+    from radflow.resampling import resample
 
     if labels.shape == tuple(shape) and np.allclose(affine, target_affine, atol=1e-4):
         return labels

@@ -89,3 +89,110 @@ def case_series_id(wildcards):
 
 def converted(wildcards):
     return expand("results/nifti/{case}.{ext}", case=cases(), ext=["nii.gz", "json"])
+
+
+# ---------------------------------------------------------------- segment / mask helpers
+
+
+def resolve_resource(path):
+    """A relative path from the working directory, else from the workflow folder."""
+    if path is None or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(workflow.basedir, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def validate_rois():
+    """mask.rois must be class names of the segmentation task (close matches suggested)."""
+    from radflow.mask import validate_roi_names
+    from radflow.segment import known_rois
+
+    validate_roi_names(config["mask"]["rois"], known_rois(config["segment"]["task"]))
+
+
+validate_rois()
+
+
+def segment_settings():
+    s = without(config["segment"], "threads", "precomputed")
+    s["weights_dir"] = resolve_resource(s["weights_dir"])
+    return s
+
+
+def segment_gpus():
+    seg = config["segment"]
+    return 0 if seg["backend"] == "precomputed" or seg["device"] == "cpu" else 1
+
+
+@lru_cache(maxsize=4)
+def _id_map(path, mtime):
+    return pd.read_csv(path, dtype=str).fillna("").set_index("case_id", drop=False)
+
+
+def case_ids(case):
+    """Pseudonyms and raw UIDs of a case (from the private id map) for path templates."""
+    path = checkpoints.ingest.get().output.id_map
+    row = _id_map(path, os.path.getmtime(path)).loc[case]
+    keys = ["case_id", "subject_id", "study_id", "series_id"]
+    keys += ["StudyInstanceUID", "SeriesInstanceUID"]
+    return {k: row[k] for k in keys}
+
+
+def case_template(template, case):
+    return resolve_resource(template.format(**case_ids(case))) if template else None
+
+
+def precomputed_mask(wildcards):
+    if config["segment"]["backend"] != "precomputed":
+        return []
+    return [case_template(config["segment"]["precomputed"], wildcards.case)]
+
+
+def reference_mask(wildcards):
+    path = case_template(config["qc"].get("reference"), wildcards.case)
+    return [path] if path and os.path.exists(path) else []
+
+
+def opt(flag, values):
+    """Command-line fragment ``flag value`` for an optional single input."""
+    return f"{flag} {values[0]!r}" if values else ""
+
+
+def masked(wildcards):
+    return expand(
+        "results/masked/{case}.{ext}", case=cases(), ext=["nii.gz", "json"]
+    ) + ["results/qc/segmentation.csv"]
+
+
+# ---------------------------------------------------------------- manifest helpers
+
+SPLITS = ["train", "val", "test"]
+MANIFESTS = [
+    "manifests/cases.csv",
+    "manifests/cases.parquet",
+    "manifests/excluded.csv",
+    "manifests/datalist.json",
+] + [f"manifests/split_{s}.csv" for s in SPLITS]
+
+
+def config_hash():
+    import hashlib
+
+    text = as_json(config)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def case_outputs(wildcards):
+    """Every file the manifest describes, for every case."""
+    return expand(
+        [
+            "results/nifti/{case}.nii.gz",
+            "results/nifti/{case}.json",
+            "results/seg/{case}.nii.gz",
+            "results/masked/{case}.nii.gz",
+            "results/masked/{case}_roi.nii.gz",
+            "results/masked/{case}.json",
+            "results/qc/{case}.png",
+        ],
+        case=cases(),
+    )

@@ -1,0 +1,90 @@
+"""Benchmark: one TotalSegmentator call with nnU-Net's default multi-process prediction vs
+radflow's in-process sequential route, on the shipped phantom model (or --weights-dir).
+
+Each run is a fresh `radflow segment` process, as a Snakemake job is. Prints median wall time of
+each path, the ratio, and whether both label maps are identical. Usage:
+
+    python bench/segment_speed.py [--repeats 3] [--threads 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from radflow import phantom_model
+from radflow.io import save_nifti
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--weights-dir", default=str(REPO / "resources" / "totalseg_phantom"))
+    ap.add_argument("--workdir", default="/tmp/radflow-bench-segment")
+    args = ap.parse_args()
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    hu, truth = phantom_model.render_case(np.random.default_rng(3), lesion=True)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    save_nifti(hu.astype(np.int16), aff, work / "ct.nii.gz")
+    print(f"image: {hu.shape} at 3 mm; device {args.device}; threads {args.threads}")
+    radflow = str(Path(sys.executable).parent / "radflow")
+    times: dict[str, list[float]] = {"default": [], "sequential": []}
+    inner: dict[str, list[float]] = {"default": [], "sequential": []}
+    for _ in range(args.repeats):
+        for mode in times:
+            settings = {
+                "weights_dir": args.weights_dir,
+                "device": args.device,
+                "sequential": mode == "sequential",
+            }
+            out = work / f"{mode}.nii.gz"
+            t = time.perf_counter()
+            subprocess.run(
+                [
+                    radflow,
+                    "segment",
+                    str(work / "ct.nii.gz"),
+                    str(out),
+                    "--threads",
+                    str(args.threads),
+                    "--settings",
+                    json.dumps(settings),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            times[mode].append(time.perf_counter() - t)
+            inner[mode].append(json.loads((work / f"{mode}.json").read_text())["seconds"])
+    for mode in times:
+        print(
+            f"{mode:10s} process median {statistics.median(times[mode]):6.2f} s; "
+            f"inside the job {statistics.median(inner[mode]):6.2f} s"
+        )
+    ratio = statistics.median(times["sequential"]) / statistics.median(times["default"])
+    print(f"ratio sequential / default wall time: {ratio:.2f}")
+    a = np.asanyarray(nib.load(work / "default.nii.gz").dataobj)
+    b = np.asanyarray(nib.load(work / "sequential.nii.gz").dataobj)
+    print(
+        f"identical label maps: {np.array_equal(a, b)}; liver Dice vs phantom truth: "
+        f"{phantom_model.dice_per_class(b, truth)['liver']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""manifest: the public contract downstream models read (cases, exclusions, splits, datalist).
+
+* ``manifests/cases.csv`` / ``cases.parquet``: one row per usable case, columns documented in
+  ``manifests/README.md`` and checked by a pandera schema on every write and read;
+* ``manifests/excluded.csv``: every series or case that did not make it, with stage and reason;
+* ``manifests/datalist.json``: Medical Segmentation Decathlon form (MONAI
+  ``load_decathlon_datalist`` reads it), and ``manifests/split_{train,val,test}.csv``;
+* splits are grouped by subject (no subject in two splits), stratified by label, deterministic by
+  seed, and stable as the cohort grows: ``manifests/split_registry.csv`` remembers every
+  subject's split and fold, and only new subjects are assigned (to the splits their label
+  stratum is shortest of).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+
+import radflow
+from radflow.io import write_json, write_table
+
+SPLITS = ("train", "val", "test")
+EXCLUDED_COLUMNS = ["id", "subject_id", "stage", "reason_code", "reason"]
+
+
+def _col(dtype: Any, nullable: bool = False, **checks: Any) -> pa.Column:
+    cs = []
+    if "ge" in checks:
+        cs.append(pa.Check.ge(checks["ge"]))
+    if "isin" in checks:
+        cs.append(pa.Check.isin(checks["isin"]))
+    if "regex" in checks:
+        cs.append(pa.Check.str_matches(checks["regex"]))
+    return pa.Column(dtype, checks=cs, nullable=nullable, coerce=True)
+
+
+_PATH = {"regex": r"^results/[A-Za-z0-9_./-]+$"}
+_SHA = {"regex": r"^[0-9a-f]{64}$"}
+CASES_SCHEMA = pa.DataFrameSchema(
+    {
+        "case_id": _col(str, regex=r"^case-[0-9a-f]{12}$"),
+        "subject_id": _col(str, regex=r"^sub-[0-9a-f]{12}$"),
+        "study_id": _col(str, regex=r"^stu-[0-9a-f]{12}$"),
+        "series_id": _col(str, regex=r"^ser-[0-9a-f]{12}$"),
+        "label": _col(int, ge=0),
+        "split": _col(str, isin=list(SPLITS)),
+        "fold": _col(int, ge=-1),
+        "image": _col(str, **_PATH),
+        "label_map": _col(str, **_PATH),
+        "masked": _col(str, **_PATH),
+        "roi": _col(str, **_PATH),
+        "qc": _col(str, **_PATH),
+        "image_nx": _col(int, ge=1),
+        "image_ny": _col(int, ge=1),
+        "image_nz": _col(int, ge=1),
+        "image_sx_mm": _col(float, ge=0),
+        "image_sy_mm": _col(float, ge=0),
+        "image_sz_mm": _col(float, ge=0),
+        "masked_nx": _col(int, ge=1),
+        "masked_ny": _col(int, ge=1),
+        "masked_nz": _col(int, ge=1),
+        "masked_sx_mm": _col(float, ge=0),
+        "masked_sy_mm": _col(float, ge=0),
+        "masked_sz_mm": _col(float, ge=0),
+        "roi_volume_ml": _col(float, ge=0),
+        "sha256_image": _col(str, **_SHA),
+        "sha256_label_map": _col(str, **_SHA),
+        "sha256_masked": _col(str, **_SHA),
+        "sha256_roi": _col(str, **_SHA),
+        "sha256_qc": _col(str, **_SHA),
+        "slice_thickness_mm": _col(float, nullable=True),
+        "kernel": _col(str, nullable=True),
+        "manufacturer": _col(str, nullable=True),
+        "radflow_version": _col(str),
+        "config_hash": _col(str, regex=r"^[0-9a-f]{16}$"),
+    },
+    strict=True,
+    ordered=True,
+    unique=["case_id"],
+    checks=[
+        pa.Check(
+            lambda df: ~df.groupby("subject_id")["split"].transform("nunique").gt(1),
+            error="a subject appears in more than one split",
+        )
+    ],
+)
+CASE_COLUMNS = list(CASES_SCHEMA.columns)
+
+
+def validate(df: pd.DataFrame) -> pd.DataFrame:
+    """Check a cases manifest against the schema; a clear error names every failing column."""
+    try:
+        return CASES_SCHEMA.validate(df, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        lines: dict[str, list[str]] = {}
+        for r in exc.failure_cases.itertuples():
+            where = r.column if isinstance(r.column, str) else "table"
+            examples = lines.setdefault(f"{where}: {r.check}", [])
+            if len(examples) < 3:
+                examples.append(str(r.failure_case))
+        text = "\n  ".join(f"{k} (e.g. {', '.join(v)})" for k, v in sorted(lines.items()))
+        raise ValueError(f"manifest does not match the schema:\n  {text}") from exc
+
+
+def read(path: str | os.PathLike) -> pd.DataFrame:
+    """Read ``cases.parquet`` or ``cases.csv`` and return it validated."""
+    path = Path(path)
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    return validate(df)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """Split fractions, folds and seed (config key ``manifest``)."""
+
+    train: float = 0.6
+    val: float = 0.2
+    test: float = 0.2
+    folds: int = 0  # 0 = no cross-validation folds
+    seed: int = 0
+
+    def fractions(self) -> dict[str, float]:
+        """Normalised split fractions."""
+        total = self.train + self.val + self.test
+        return {"train": self.train / total, "val": self.val / total, "test": self.test / total}
+
+
+def _order(subject: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{subject}".encode()).hexdigest()
+
+
+def assign_splits(
+    subjects: pd.DataFrame, settings: SplitSettings, registry: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Split and fold per subject (columns subject_id, label -> + split, fold).
+
+    Subjects already in ``registry`` keep their split and fold. The others are taken in a
+    seed-determined order and each goes to the split (then fold) that its label stratum is
+    furthest below target on, so the first run is exactly stratified and later runs stay close.
+    """
+    subjects = subjects.drop_duplicates("subject_id")[["subject_id", "label"]]
+    known = (
+        registry[["subject_id", "split", "fold"]]
+        if registry is not None and len(registry)
+        else pd.DataFrame({"subject_id": [], "split": [], "fold": []})
+    )
+    out = subjects.merge(known, on="subject_id", how="left").reset_index(drop=True)
+    out["split"] = out["split"].astype(object)
+    out["fold"] = out["fold"].astype("Int64")
+    frac = settings.fractions()
+    out["_order"] = [_order(s, settings.seed) for s in out["subject_id"]]
+    for _label, idx in out.sort_values("_order").groupby("label", sort=True).groups.items():
+        stratum = out.loc[idx].sort_values("_order")
+        n = len(stratum)
+        for i in stratum.index[stratum["split"].isna()]:
+            counts = out.loc[idx, "split"].value_counts()
+            deficit = {s: frac[s] * n - counts.get(s, 0) for s in SPLITS}
+            out.loc[i, "split"] = max(SPLITS, key=lambda s: (deficit[s], -SPLITS.index(s)))
+        if settings.folds > 0:
+            cv = out.loc[idx]
+            cv = cv[cv["split"] != "test"].sort_values("_order")
+            for i in cv.index[cv["fold"].isna()]:
+                counts = out.loc[cv.index, "fold"].value_counts()
+                out.loc[i, "fold"] = min(range(settings.folds), key=lambda f: (counts.get(f, 0), f))
+    out["fold"] = out["fold"].fillna(-1).astype(int)
+    return out.drop(columns="_order")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any] | str) -> str:
+    """Short stable hash of the configuration that produced a manifest."""
+    if isinstance(config, str) and len(config) == 16:  # already a hash (from the workflow)
+        return config
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def case_paths(case_id: str) -> dict[str, str]:
+    """Paths of one case's files, relative to the project directory."""
+    return {
+        "image": f"results/nifti/{case_id}.nii.gz",
+        "label_map": f"results/seg/{case_id}.nii.gz",
+        "masked": f"results/masked/{case_id}.nii.gz",
+        "roi": f"results/masked/{case_id}_roi.nii.gz",
+        "qc": f"results/qc/{case_id}.png",
+    }
+
+
+def build(
+    inventory: pd.DataFrame,
+    root: str | os.PathLike,
+    settings: SplitSettings,
+    config: Mapping[str, Any] | str,
+    registry: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(cases, excluded, registry) from the inventory and each case's files under ``root``."""
+    root = Path(root)
+    excluded = [
+        {
+            "id": r.series_id,
+            "subject_id": r.subject_id,
+            "stage": "ingest",
+            "reason_code": r.reason_code,
+            "reason": r.reason,
+        }
+        for r in inventory[~inventory["selected"]].itertuples()
+    ]
+    rows = []
+    for r in inventory[inventory["selected"]].itertuples():
+        paths = case_paths(r.case_id)
+        if not r.has_label:
+            excluded.append(
+                {
+                    "id": r.case_id,
+                    "subject_id": r.subject_id,
+                    "stage": "label",
+                    "reason_code": "NO_LABEL",
+                    "reason": "no label in the labels sheet",
+                }
+            )
+            continue
+        status = json.loads(
+            (root / paths["masked"]).with_suffix("").with_suffix(".json").read_text()
+        )
+        if not status["usable"]:
+            excluded.append(
+                {
+                    "id": r.case_id,
+                    "subject_id": r.subject_id,
+                    "stage": "mask",
+                    "reason_code": "ROI",
+                    "reason": status["reason"],
+                }
+            )
+            continue
+        sidecar = json.loads(
+            (root / paths["image"]).with_suffix("").with_suffix(".json").read_text()
+        )
+        g = sidecar["geometry"]
+        row = {
+            "case_id": r.case_id,
+            "subject_id": r.subject_id,
+            "study_id": r.study_id,
+            "series_id": r.series_id,
+            "label": int(r.label),
+            **paths,
+            "image_nx": g["shape"][0],
+            "image_ny": g["shape"][1],
+            "image_nz": g["shape"][2],
+            "image_sx_mm": g["spacing_mm"][0],
+            "image_sy_mm": g["spacing_mm"][1],
+            "image_sz_mm": g["spacing_mm"][2],
+            "masked_nx": status["shape"][0],
+            "masked_ny": status["shape"][1],
+            "masked_nz": status["shape"][2],
+            "masked_sx_mm": status["spacing_mm"][0],
+            "masked_sy_mm": status["spacing_mm"][1],
+            "masked_sz_mm": status["spacing_mm"][2],
+            "roi_volume_ml": status["roi_ml"],
+            **{f"sha256_{k}": sha256(root / v) for k, v in paths.items()},
+            "slice_thickness_mm": r.slice_thickness_mm,
+            "kernel": r.kernel,
+            "manufacturer": r.manufacturer,
+            "radflow_version": radflow.__version__,
+            "config_hash": config_hash(config),
+        }
+        rows.append(row)
+    cases = pd.DataFrame(rows)
+    if cases.empty:
+        raise ValueError("no usable labelled case: see manifests/excluded.csv")
+    subjects = cases.groupby("subject_id", as_index=False)["label"].max()
+    assigned = assign_splits(subjects, settings, registry)
+    cases = cases.merge(assigned[["subject_id", "split", "fold"]], on="subject_id")
+    cases = cases[CASE_COLUMNS].sort_values(["split", "case_id"]).reset_index(drop=True)
+    new_registry = assigned[["subject_id", "label", "split", "fold"]]
+    if registry is not None and len(registry):  # subjects gone from the cohort keep their slot
+        gone = registry[~registry["subject_id"].isin(new_registry["subject_id"])]
+        new_registry = pd.concat([registry[new_registry.columns].loc[gone.index], new_registry])
+    excl = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
+    return validate(cases), excl, new_registry.sort_values("subject_id")
+
+
+def datalist(cases: pd.DataFrame, base: str = "..") -> dict[str, Any]:
+    """MSD-style datalist; image paths relative to the manifests folder."""
+    out: dict[str, Any] = {"name": "radflow", "description": "masked CT volumes per case"}
+    for split, key in (("train", "training"), ("val", "validation"), ("test", "test")):
+        part = cases[cases["split"] == split]
+        out[key] = [
+            {
+                "image": f"{base}/{r.masked}",
+                "roi": f"{base}/{r.roi}",
+                "label": int(r.label),
+                "case_id": r.case_id,
+                "subject_id": r.subject_id,
+                "fold": int(r.fold),
+            }
+            for r in part.itertuples()
+        ]
+    return out
+
+
+def write(
+    cases: pd.DataFrame, excluded: pd.DataFrame, registry: pd.DataFrame, out_dir: str | os.PathLike
+) -> None:
+    """Write every manifest file atomically (schema checked first)."""
+    out_dir = Path(out_dir)
+    validate(cases)
+    write_table(cases, out_dir / "cases.csv", str(out_dir / "cases.parquet"))
+    write_table(excluded, out_dir / "excluded.csv")
+    for split in SPLITS:
+        write_table(cases[cases["split"] == split], out_dir / f"split_{split}.csv")
+    write_json(out_dir / "datalist.json", datalist(cases))
+    write_table(registry, out_dir / "split_registry.csv")
+
+
+def run(
+    inventory_path: str | os.PathLike,
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: SplitSettings,
+    config: Mapping[str, Any] | str,
+) -> pd.DataFrame:
+    """Build and write the manifests from the inventory; returns the cases table."""
+    inventory = pd.read_parquet(inventory_path)
+    reg_path = Path(out_dir) / "split_registry.csv"
+    registry = pd.read_csv(reg_path) if reg_path.exists() else None
+    cases, excluded, registry = build(inventory, root, settings, config, registry)
+    write(cases, excluded, registry, out_dir)
+    return cases
+
+
+def summary(cases: pd.DataFrame) -> str:
+    """Cases per split and label, as a small table."""
+    return cases.pivot_table(
+        index="split", columns="label", values="case_id", aggfunc="count", fill_value=0
+    ).to_string()

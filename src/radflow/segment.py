@@ -1,0 +1,301 @@
+"""segment: TotalSegmentator organ masks, offline by design (or user-supplied masks).
+
+Offline guarantees, each tested:
+
+* weights come only from ``weights_dir`` (exported as ``TOTALSEG_WEIGHTS_PATH``), and a missing
+  model folder fails at once with what to place where -- TotalSegmentator would otherwise start
+  a download with no timeout;
+* every call gets its own ``TOTALSEG_HOME_DIR`` whose ``config.json`` says
+  ``send_usage_stats: false`` before TotalSegmentator reads it (there is no environment variable
+  for it, and a shared config.json is rewritten by every run, so parallel jobs would race).
+
+Throughput: nnU-Net's ``predict_from_files`` starts a fork pool, a manager, a spawned
+preprocessing worker and a spawned export pool on every call -- most of a small model's run
+time. For one image that buys nothing, so the call is routed to nnU-Net's own in-process
+``predict_from_files_sequential`` (bit-identical output). Torch threads stay within the job's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from radflow.io import save_nifti, write_json
+from radflow.settings import section
+
+OFFLINE_CONFIG = {
+    "totalseg_id": "totalseg_radflow_offline",
+    "send_usage_stats": False,
+    "prediction_counter": 0,
+    "statistics_disclaimer_shown": True,
+}
+
+
+class WeightsMissingError(FileNotFoundError):
+    """The configured weights folder does not hold the model a task needs."""
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Segmentation settings (config key ``segment``)."""
+
+    backend: str = "totalsegmentator"  # or "precomputed"
+    task: str = "total"
+    fast: bool = True
+    roi_subset: tuple[str, ...] | None = None
+    device: str = "auto"  # auto | cpu | gpu | gpu:N
+    weights_dir: str = "resources/totalseg_phantom"
+    sequential: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SegmentSettings:
+        """Build from a config mapping (unknown keys are an error)."""
+        d = section(cls, d, "segment")
+        if d.get("roi_subset") is not None:
+            d["roi_subset"] = tuple(d["roi_subset"])
+        if d.get("backend", "totalsegmentator") not in ("totalsegmentator", "precomputed"):
+            raise ValueError("segment.backend must be 'totalsegmentator' or 'precomputed'")
+        return cls(**d)
+
+
+def class_map(task: str) -> dict[int, str]:
+    """Label id -> class name of a TotalSegmentator task (cheap: no torch import)."""
+    from totalsegmentator.map_to_binary import class_map as maps
+
+    if task not in maps:
+        raise ValueError(f"unknown TotalSegmentator task {task!r}")
+    return {int(k): str(v) for k, v in maps[task].items()}
+
+
+def required_models(settings: SegmentSettings) -> list[tuple[int, Path]]:
+    """(task id, model folder relative to the weights dir) for every model the call loads."""
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.python_api import get_task_config
+
+    cfg = get_task_config(settings.task, fast=settings.fast, quiet=True, plans="nnUNetPlans")
+    ids = cfg["task_id"] if isinstance(cfg["task_id"], list) else [cfg["task_id"]]
+    out = []
+    for tid in ids:
+        folder = TASK_ID_WEIGHTS_CONFIGS[tid]["foldername"]
+        sub = f"{cfg['trainer']}__{cfg['plans']}__{cfg['model']}"
+        out.append((tid, Path(folder) / sub))
+    if settings.roi_subset:  # TotalSegmentator first crops with the 6 mm model (task 298)
+        out.append((298, Path(TASK_ID_WEIGHTS_CONFIGS[298]["foldername"])))
+    return out
+
+
+def _download_hint(task_id: int) -> str:
+    from totalsegmentator.bin.totalseg_download_weights import TASK_TO_ID
+
+    names = [name for name, tids in TASK_TO_ID.items() if task_id in tids]
+    return names[0] if names else f"<task containing id {task_id}>"
+
+
+def check_weights(settings: SegmentSettings) -> Path:
+    """Fail fast, naming the folder expected, unless every model the call needs is present."""
+    root = Path(settings.weights_dir).resolve()
+    missing = []
+    for tid, rel in required_models(settings):
+        folder = root / rel
+        probe = folder / "fold_0" / "checkpoint_final.pth" if "__" in rel.name else folder
+        if not probe.exists():
+            missing.append((tid, folder))
+    if missing:
+        lines = "\n".join(f"  - {f}  (task id {tid})" for tid, f in missing)
+        hint = _download_hint(missing[0][0])
+        raise WeightsMissingError(
+            f"TotalSegmentator weights not found for task={settings.task!r} "
+            f"fast={settings.fast}:\n{lines}\n"
+            "radflow never downloads at run time. On a machine with network access run "
+            f"`totalseg_download_weights -t {hint}` (it fills ~/.totalsegmentator/nnunet/results),"
+            f" then copy the Dataset folder(s) into {root} (config segment.weights_dir)."
+        )
+    return root
+
+
+@contextlib.contextmanager
+def offline_environment(weights_dir: Path, threads: int) -> Iterator[Path]:
+    """A private TotalSegmentator home with usage statistics off, weights from ``weights_dir``."""
+    saved = {k: os.environ.get(k) for k in ("TOTALSEG_HOME_DIR", "TOTALSEG_WEIGHTS_PATH")}
+    with tempfile.TemporaryDirectory(prefix="radflow-totalseg-") as home:
+        Path(home, "config.json").write_text(json.dumps(OFFLINE_CONFIG))
+        os.environ["TOTALSEG_HOME_DIR"] = home
+        os.environ["TOTALSEG_WEIGHTS_PATH"] = str(weights_dir)
+        os.environ.setdefault("nnUNet_def_n_proc", str(threads))
+        try:
+            yield Path(home)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@contextlib.contextmanager
+def bounded_torch_threads(threads: int) -> Iterator[None]:
+    """Cap torch threads at ``threads``: TotalSegmentator asks for every core on CPU."""
+    import torch
+
+    original = torch.set_num_threads
+    before = torch.get_num_threads()
+    original(threads)
+    torch.set_num_threads = lambda n: original(max(1, min(int(n), threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads = original
+        original(before)
+
+
+_SEQUENTIAL_PATCHED = False
+
+
+def use_sequential_prediction() -> None:
+    """Route nnU-Net's multi-process ``predict_from_files`` to its in-process sequential twin.
+
+    TotalSegmentator's own runtime patch of the predictor must be installed first (importing
+    ``totalsegmentator.nnunet`` does it), or it would skip patching the other methods.
+    """
+    global _SEQUENTIAL_PATCHED
+    if _SEQUENTIAL_PATCHED:
+        return
+    import importlib
+
+    importlib.import_module("totalsegmentator.nnunet")
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    def predict_from_files(
+        self: Any,
+        list_of_lists_or_source_folder: Any,
+        output_folder_or_list_of_truncated_output_files: Any,
+        save_probabilities: bool = False,
+        overwrite: bool = True,
+        num_processes_preprocessing: int | None = None,
+        num_processes_segmentation_export: int | None = None,
+        folder_with_segs_from_prev_stage: str | None = None,
+        num_parts: int = 1,
+        part_id: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        src = list_of_lists_or_source_folder
+        if isinstance(src, str):  # listing a folder would start a fork pool of 12
+            ending = self.dataset_json["file_ending"]
+            src = [[str(p)] for p in sorted(Path(src).glob(f"*_0000{ending}"))]
+        return self.predict_from_files_sequential(
+            src,
+            output_folder_or_list_of_truncated_output_files,
+            save_probabilities=save_probabilities,
+            overwrite=overwrite,
+            folder_with_segs_from_prev_stage=folder_with_segs_from_prev_stage,
+            **kwargs,
+        )
+
+    nnUNetPredictor.predict_from_files = predict_from_files
+    _SEQUENTIAL_PATCHED = True
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``gpu`` when torch sees CUDA, else ``cpu``; other values pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def run_totalsegmentator(
+    img: nib.Nifti1Image, settings: SegmentSettings, threads: int = 1
+) -> np.ndarray:
+    """Run TotalSegmentator's Python API on an image; returns a uint8 label map on its grid."""
+    weights = check_weights(settings)
+    with offline_environment(weights, threads), bounded_torch_threads(threads):
+        from totalsegmentator.python_api import totalsegmentator
+
+        if settings.sequential:
+            use_sequential_prediction()
+        seg = totalsegmentator(
+            img,
+            None,
+            ml=True,
+            task=settings.task,
+            fast=settings.fast,
+            roi_subset=list(settings.roi_subset) if settings.roi_subset else None,
+            device=resolve_device(settings.device),
+            nr_thr_resamp=threads,
+            nr_thr_saving=1,
+            skip_saving=True,
+            quiet=True,
+        )
+    data = np.asanyarray(seg.dataobj)
+    if data.shape != img.shape or not np.allclose(seg.affine, img.affine, atol=1e-3):
+        raise RuntimeError("TotalSegmentator output is not on the input grid")
+    if data.max() > 255:
+        raise RuntimeError(f"label id {int(data.max())} does not fit uint8")
+    return data.astype(np.uint8)
+
+
+def load_precomputed(
+    path: str | os.PathLike, img: nib.Nifti1Image
+) -> tuple[np.ndarray, dict[int, str] | None]:
+    """A user-supplied label map, resampled onto the image grid (nearest neighbour)."""
+    from radflow.qc import to_grid
+
+    src = nib.load(str(path))
+    labels = np.asanyarray(src.dataobj)
+    if labels.max() > 255 or labels.min() < 0:
+        raise ValueError(f"{path}: label values must be 0..255")
+    data = to_grid(labels.astype(np.uint8), src.affine, img.affine, img.shape)
+    names_file = Path(str(path).removesuffix(".nii.gz") + ".json")
+    names = None
+    if names_file.exists():
+        raw = json.loads(names_file.read_text())
+        names = {int(k): str(v) for k, v in raw.get("labels", raw).items()}
+    return data.astype(np.uint8), names
+
+
+def run(
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: SegmentSettings,
+    names_path: str | os.PathLike | None = None,
+    precomputed: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Segment one image; writes the label map (uint8, input grid) and its label-name JSON."""
+    t0 = time.perf_counter()
+    img = nib.load(str(image_path))
+    names: dict[int, str] | None = None
+    if settings.backend == "precomputed":
+        if precomputed is None:
+            raise ValueError("segment.backend=precomputed needs a mask path (--precomputed)")
+        data, names = load_precomputed(precomputed, img)
+    else:
+        data = run_totalsegmentator(img, settings, threads)
+    names = names or class_map(settings.task)
+    save_nifti(data, img.affine, out_path, threads=threads)
+    present = sorted(int(v) for v in np.unique(data) if v)
+    info = {
+        "labels": {str(k): v for k, v in sorted(names.items())},
+        "present": {str(k): names.get(k, f"label_{k}") for k in present},
+        "settings": asdict(settings),
+        "device": resolve_device(settings.device) if settings.backend != "precomputed" else "n/a",
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json(names_path or Path(str(out_path).removesuffix(".nii.gz") + ".json"), info)
+    return info
+
+
+def known_rois(task: str) -> Sequence[str]:
+    """Class names a ROI may use for a task."""
+    return list(class_map(task).values())

@@ -1,0 +1,153 @@
+"""segment: the real TotalSegmentator path offline with the shipped phantom model."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.process
+import os
+import socket
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radflow import phantom_model, segment
+from radflow.io import save_nifti
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "resources" / "totalseg_phantom"
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: refuse(addr))
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, addr: refuse(addr))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+@pytest.fixture()
+def process_starts(monkeypatch):
+    starts = []
+    original = multiprocessing.process.BaseProcess.start
+
+    def counting(self):
+        starts.append(type(self).__name__)
+        return original(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counting)
+    return starts
+
+
+def _phantom_image(tmp_path, seed=11, flip_x=True):
+    hu, lab = phantom_model.render_case(np.random.default_rng(seed), lesion=True)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    aff[:3, 3] = [-180.0, -170.0, -160.0]
+    if flip_x:  # store it LAS, so TotalSegmentator's reorientation round trip is exercised
+        hu, lab = hu[::-1], lab[::-1]
+        aff = aff @ np.array(
+            [[-1, 0, 0, hu.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+        )
+    save_nifti(hu.astype(np.int16), aff, tmp_path / "ct.nii.gz")
+    return aff, lab
+
+
+def test_real_totalsegmentator_offline_on_phantom_model(tmp_path, no_network, process_starts):
+    aff, truth = _phantom_image(tmp_path)
+    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
+    info = segment.run(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2)
+    assert no_network == []  # not one connection attempt (usage stats are off)
+    assert process_starts == []  # sequential prediction: no worker processes
+    out = nib.load(tmp_path / "seg.nii.gz")
+    assert out.get_data_dtype() == np.uint8
+    assert out.shape == truth.shape
+    np.testing.assert_allclose(out.affine, aff, atol=1e-5)
+    seg = np.asanyarray(out.dataobj)
+    dice = phantom_model.dice_per_class(seg, truth)
+    assert dice["liver"] > 0.9, dice
+    assert info["present"]["5"] == "liver"
+    names = json.loads((tmp_path / "seg.json").read_text())["labels"]
+    assert names["5"] == "liver" and len(names) == 117
+
+
+def test_missing_weights_fail_fast_without_download(tmp_path, monkeypatch, no_network):
+    import totalsegmentator.python_api as api
+
+    monkeypatch.setattr(api, "totalsegmentator", lambda *a, **k: pytest.fail("must not run"))
+    _phantom_image(tmp_path)
+    settings = segment.SegmentSettings(weights_dir=str(tmp_path / "empty"))
+    t0 = time.perf_counter()
+    with pytest.raises(segment.WeightsMissingError) as err:
+        segment.run(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings)
+    msg = str(err.value)
+    assert "Dataset297_TotalSegmentator_total_3mm_1559subj" in msg
+    assert "totalseg_download_weights -t total_fast" in msg and str(tmp_path / "empty") in msg
+    assert no_network == [] and not (tmp_path / "seg.nii.gz").exists()
+    assert time.perf_counter() - t0 < 60  # a guard against a hang, not a speed target
+
+
+def test_roi_subset_needs_the_crop_model_too(tmp_path):
+    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), roi_subset=("liver",))
+    with pytest.raises(segment.WeightsMissingError, match="task id 298"):
+        segment.check_weights(settings)
+
+
+def test_offline_environment_private_home_stats_off(tmp_path):
+    before = os.environ.get("TOTALSEG_HOME_DIR")
+    with segment.offline_environment(tmp_path, threads=1) as home:
+        cfg = json.loads((home / "config.json").read_text())
+        assert cfg["send_usage_stats"] is False
+        assert os.environ["TOTALSEG_WEIGHTS_PATH"] == str(tmp_path)
+        assert os.environ["TOTALSEG_HOME_DIR"] == str(home)
+    assert os.environ.get("TOTALSEG_HOME_DIR") == before
+    assert not home.exists()
+
+
+def test_torch_threads_are_bounded():
+    import torch
+
+    before = torch.get_num_threads()
+    with segment.bounded_torch_threads(1):
+        torch.set_num_threads(64)  # what TotalSegmentator does on CPU
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_precomputed_backend_resamples_to_image_grid(tmp_path):
+    aff, truth = _phantom_image(tmp_path, flip_x=False)
+    ref_aff = aff.copy()
+    ref_aff[:3, :3] /= 2  # a user mask on a finer (1.5 mm) grid
+    fine = truth.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    save_nifti(fine, ref_aff @ np.diag([1, 1, 1, 1.0]), tmp_path / "user.nii.gz")
+    (tmp_path / "user.json").write_text(json.dumps({"5": "liver", "1": "spleen"}))
+    settings = segment.SegmentSettings(backend="precomputed")
+    info = segment.run(
+        tmp_path / "ct.nii.gz",
+        tmp_path / "seg.nii.gz",
+        settings,
+        precomputed=tmp_path / "user.nii.gz",
+    )
+    seg = np.asanyarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    assert seg.shape == truth.shape
+    assert phantom_model.dice_per_class(seg, truth)["liver"] > 0.97
+    assert info["labels"] == {"1": "spleen", "5": "liver"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_totalsegmentator_on_gpu(tmp_path, no_network):
+    _aff, truth = _phantom_image(tmp_path)
+    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="gpu")
+    info = segment.run(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2)
+    assert info["device"] == "gpu"
+    seg = np.asanyarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
+    assert phantom_model.dice_per_class(seg, truth)["liver"] > 0.9

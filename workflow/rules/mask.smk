@@ -1,0 +1,56 @@
+rule mask:
+    input:
+        image="results/nifti/{case}.nii.gz",
+        seg="results/seg/{case}.nii.gz",
+        names="results/seg/{case}.json",
+        reference=reference_mask,
+    output:
+        masked="results/masked/{case}.nii.gz",
+        roi="results/masked/{case}_roi.nii.gz",
+        status="results/masked/{case}.json",
+        qc=report(
+            "results/qc/{case}.png",
+            category="QC",
+            subcategory="segmentation",
+            labels={"case": "{case}"},
+        ),
+        seg_qc="results/qc/{case}_segmentation.csv",
+    log:
+        "logs/mask/{case}.log",
+    benchmark:
+        "benchmarks/mask/{case}.tsv"
+    conda:
+        "../../envs/mask.yaml"
+    threads: config["mask"]["threads"]
+    resources:
+        mem_mb=3000,
+    params:
+        settings=as_json(without(config["mask"], "threads")),
+        reference=lambda wc, input: opt("--reference", input.reference),
+    shell:
+        "radflow mask {input.image:q} {input.seg:q} {output.masked:q} "
+        "--roi-out {output.roi:q} --status {output.status:q} --names {input.names:q} "
+        "--qc {output.qc:q} --seg-qc {output.seg_qc:q} {params.reference} "
+        "--settings {params.settings:q} --case-id {wildcards.case} --threads {threads} "
+        "> {log} 2>&1"
+
+
+rule qc_table:
+    input:
+        lambda wc: expand("results/qc/{case}_segmentation.csv", case=cases()),
+    output:
+        "results/qc/segmentation.csv",
+    log:
+        "logs/qc_table.log",
+    benchmark:
+        "benchmarks/qc_table.tsv"
+    conda:
+        "../../envs/mask.yaml"
+    threads: 1
+    shell:
+        "radflow qc-table {output:q} {input:q} > {log} 2>&1"
+
+
+rule mask_all:
+    input:
+        masked,
