@@ -19,6 +19,8 @@ include: "workflow/rules/convert.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/mask.smk"
 include: "workflow/rules/manifest.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -28,3 +30,5 @@ rule all:
         converted,
         masked,
         MANIFESTS,
+        "results/eval/metrics.json",
+        ["results/cv/summary.json"] if config["manifest"]["folds"] > 1 else [],

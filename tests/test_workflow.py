@@ -34,6 +34,8 @@ def _workdir(tmp: Path, cohort: Path, **convert) -> Path:
     cfg["segment"]["device"] = "cpu"
     cfg["qc"]["reference"] = str(cohort / "ground_truth" / "{StudyInstanceUID}" / "organs.nii.gz")
     cfg["mask"]["size"] = [32, 32, 32]
+    cfg["train"].update({"epochs": 2, "device": "cpu", "threads": 2})
+    cfg["evaluate"]["bootstrap"] = 100
     (tmp / "config").mkdir(parents=True)
     (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     return tmp
@@ -85,6 +87,20 @@ def test_workflow_runs_ingest_and_convert(run):  # and segment and mask
         masked_img = nib.load(work / f"results/masked/{cid}.nii.gz")
         assert masked_img.shape == (32, 32, 32) and masked_img.get_data_dtype() == "int16"
         assert (work / f"results/qc/{cid}.png").stat().st_size > 1000
+
+
+def test_training_and_evaluation_ran(run):
+    work, proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    metrics = json.loads((work / "results/eval/metrics.json").read_text())
+    assert "validation" in metrics["threshold_source"]
+    assert metrics["test"]["n"] >= 1
+    preds = pd.read_csv(work / "results/eval/predictions.csv")
+    assert set(preds["split"]) == {"train", "val", "test"}
+    hist = pd.read_csv(work / "results/train/history.csv")
+    assert len(hist) == 2
 
 
 def test_segmentation_qc_has_dice_against_the_phantom_truth(run):

@@ -193,6 +193,67 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a 3D ResNet on a manifest (resumes from OUT_DIR/last.pt)."""
+    from radflow import train
+
+    settings = train.TrainSettings.from_dict(args.settings)
+    summary = train.train(
+        args.manifest, args.out_dir, settings, root=args.root, threads=_threads(args.threads)
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_cv_summary(args: argparse.Namespace) -> int:
+    """Per-fold best validation AUC and mean +- sd across folds."""
+    import pandas as pd
+
+    from radflow.io import write_json
+
+    folds = []
+    for path in args.histories:
+        h = pd.read_csv(path)
+        best = h.loc[h["val_auc"].idxmax()] if h["val_auc"].notna().any() else h.iloc[-1]
+        folds.append(
+            {"history": path, "best_epoch": int(best["epoch"]), "val_auc": float(best["val_auc"])}
+        )
+    aucs = [f["val_auc"] for f in folds]
+    summary = {
+        "folds": folds,
+        "val_auc_mean": float(pd.Series(aucs).mean()),
+        "val_auc_sd": float(pd.Series(aucs).std(ddof=1)) if len(aucs) > 1 else 0.0,
+    }
+    write_json(args.out, summary)
+    print(
+        f"validation AUC {summary['val_auc_mean']:.3f} +- {summary['val_auc_sd']:.3f} "
+        f"over {len(folds)} folds"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Predictions and metrics (threshold from validation, applied to test)."""
+    from radflow import evaluate
+
+    res = evaluate.evaluate(
+        args.checkpoint,
+        args.manifest,
+        args.out_dir,
+        root=args.root,
+        history=args.history,
+        device=args.device,
+        threads=_threads(args.threads),
+        n_boot=args.bootstrap,
+    )
+    t = res["test"]
+    print(
+        f"test AUC {t['auc']:.3f} (95% CI {t['auc_95ci']}), sensitivity {t['sensitivity']:.3f}, "
+        f"specificity {t['specificity']:.3f} at threshold {res['threshold']:.3f} (from validation)"
+    )
+    return 0
+
+
 def cmd_train_phantom_model(args: argparse.Namespace) -> int:
     """Train the phantom nnU-Net model shipped under resources/."""
     from radflow import phantom_model
@@ -288,6 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--settings", type=_json_arg, default={}, help="split settings as JSON")
     mf.add_argument("--config-hash", default="unknown-config", help="hash of the workflow config")
     mf.set_defaults(func=cmd_manifest)
+
+    tr = sub.add_parser("train", help="fine-tune a 3D ResNet on the manifest")
+    tr.add_argument("manifest", help="manifests/cases.parquet")
+    tr.add_argument("out_dir", help="checkpoint folder (best.pt, last.pt, history.csv)")
+    tr.add_argument("--root", default=".", help="project folder the manifest paths are under")
+    tr.add_argument("--settings", type=_json_arg, default={}, help="train settings as JSON")
+    tr.add_argument("--threads", type=int, default=1)
+    tr.set_defaults(func=cmd_train)
+
+    cv = sub.add_parser("cv-summary", help="mean +- sd of per-fold validation AUC")
+    cv.add_argument("out")
+    cv.add_argument("histories", nargs="+")
+    cv.set_defaults(func=cmd_cv_summary)
+
+    ev = sub.add_parser("evaluate", help="predictions and metrics of a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("manifest")
+    ev.add_argument("out_dir")
+    ev.add_argument("--root", default=".")
+    ev.add_argument("--history", default=None, help="history.csv for the training curves")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
+    ev.add_argument("--threads", type=int, default=1)
+    ev.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train-phantom-model", help="train the shipped phantom nnU-Net model")
     t.add_argument("out_dir")

@@ -1,0 +1,180 @@
+"""train/evaluate on tiny synthetic volumes: steps run, stems adapt, resume is exact, metrics
+match scikit-learn and the threshold comes from validation only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from radflow import evaluate, manifest, train
+from radflow.io import save_nifti
+
+
+def _tiny_cohort(tmp_path, n=12, size=16):
+    rng = np.random.default_rng(0)
+    rows = []
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    for i in range(n):
+        cid = f"case-{i:012x}"
+        label = i % 2
+        vol = rng.normal(40, 10, (size,) * 3)
+        if label:
+            vol[5:9, 6:10, 7:11] -= 80  # a hypodense "lesion"
+        paths = manifest.case_paths(cid)
+        for key in ("image", "label_map", "masked", "roi", "qc"):
+            (tmp_path / paths[key]).parent.mkdir(parents=True, exist_ok=True)
+        save_nifti(vol.astype(np.int16), aff, tmp_path / paths["masked"])
+        save_nifti(np.ones((size,) * 3, np.uint8), aff, tmp_path / paths["roi"])
+        split = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
+        rows.append(
+            {
+                "case_id": cid,
+                "subject_id": f"sub-{i:012x}",
+                "study_id": f"stu-{i:012x}",
+                "series_id": f"ser-{i:012x}",
+                "label": label,
+                "split": split[i],
+                "fold": -1,
+                **paths,
+                "image_nx": size,
+                "image_ny": size,
+                "image_nz": size,
+                "image_sx_mm": 4.0,
+                "image_sy_mm": 4.0,
+                "image_sz_mm": 4.0,
+                "masked_nx": size,
+                "masked_ny": size,
+                "masked_nz": size,
+                "masked_sx_mm": 4.0,
+                "masked_sy_mm": 4.0,
+                "masked_sz_mm": 4.0,
+                "roi_volume_ml": 262.0,
+                **{f"sha256_{k}": "0" * 64 for k in ("image", "label_map", "masked", "roi", "qc")},
+                "slice_thickness_mm": 1.5,
+                "kernel": "B30f",
+                "manufacturer": "SIEMENS",
+                "radflow_version": "0.1.0",
+                "config_hash": "0" * 16,
+            }
+        )
+    df = manifest.validate(pd.DataFrame(rows))
+    df.to_parquet(tmp_path / "cases.parquet")
+    return tmp_path / "cases.parquet"
+
+
+def _settings(**kw):
+    base = dict(epochs=2, batch_size=2, lr=1e-3, device="cpu", rotate_deg=5.0, seed=1)
+    base.update(kw)
+    return train.TrainSettings.from_dict(base)
+
+
+@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18"])
+def test_training_runs_a_few_steps_on_cpu(tmp_path, arch):
+    m = _tiny_cohort(tmp_path)
+    s = _settings(arch=arch, epochs=1, channels=["image", "roi"])
+    out = train.train(m, tmp_path / "run", s, root=tmp_path, threads=2)
+    assert out["epochs_run"] == 1
+    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert list(hist.columns) == ["epoch", "loss", "val_auc", "lr", "seconds"]
+    ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ck["arch"] == arch and ck["channels"] == ["image", "roi"]
+
+
+def test_stem_adaptation_keeps_the_summed_rgb_kernels():
+    import torchvision.models.video as tvv
+
+    model = tvv.r3d_18(weights=None)
+    rgb = model.stem[0].weight.detach().clone()
+    train.adapt_stem(model, 2)
+    w = model.stem[0].weight.detach()
+    assert w.shape[1] == 2
+    torch.testing.assert_close(w[:, 0], rgb.sum(1))
+    assert torch.count_nonzero(w[:, 1]) == 0
+
+
+def test_missing_kinetics_weights_are_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"r3d_18-.*\.pth in .*hub/checkpoints"):
+        train.build_model("r3d_18", 1, 2, "kinetics400")
+
+
+def test_transfer_from_another_task_keeps_backbone_not_head(tmp_path):
+    src = train.build_model("r3d_18", 1, 3, "none")
+    torch.save({"model": src.state_dict()}, tmp_path / "other.pt")
+    dst = train.build_model("r3d_18", 1, 2, str(tmp_path / "other.pt"))
+    torch.testing.assert_close(dst.layer4[0].conv1[0].weight, src.layer4[0].conv1[0].weight)
+    assert dst.fc.out_features == 2
+
+
+def test_resume_after_a_kill_is_exact(tmp_path):
+    m = _tiny_cohort(tmp_path)
+    s = _settings(epochs=3)
+    train.train(m, tmp_path / "a", s, root=tmp_path, threads=1)
+    steps_per_epoch = 3  # 6 training cases, batch 2
+    with pytest.raises(train.InterruptedRunError):  # dies in the middle of epoch 1
+        train.train(m, tmp_path / "b", s, root=tmp_path, threads=1, max_steps=steps_per_epoch + 2)
+    last = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["optimizer"]["state"]
+    train.train(m, tmp_path / "b", s, root=tmp_path, threads=1)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    ha, hb = pd.read_csv(tmp_path / "a/history.csv"), pd.read_csv(tmp_path / "b/history.csv")
+    pd.testing.assert_frame_equal(ha.drop(columns="seconds"), hb.drop(columns="seconds"))
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn import metrics as skm
+
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1])
+    p = np.array([0.1, 0.4, 0.35, 0.8, 0.7, 0.9, 0.2, 0.65, 0.05, 0.55])
+    m = evaluate.binary_metrics(y, p, 0.5, n_boot=200)
+    pred = (p >= 0.5).astype(int)
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(skm.recall_score(1 - y, 1 - pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+    assert m["confusion_matrix"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    lo, hi = m["auc_95ci"]
+    assert lo <= m["auc"] <= hi
+
+
+def test_threshold_comes_from_validation_only(tmp_path, monkeypatch):
+    m = _tiny_cohort(tmp_path)
+    s = _settings(epochs=1)
+    train.train(m, tmp_path / "run", s, root=tmp_path, threads=1)
+    seen = []
+    real = evaluate.youden_threshold
+    monkeypatch.setattr(
+        evaluate, "youden_threshold", lambda y, p: seen.append(len(y)) or real(y, p)
+    )
+    res = evaluate.evaluate(
+        tmp_path / "run/best.pt",
+        m,
+        tmp_path / "eval",
+        root=tmp_path,
+        history=tmp_path / "run/history.csv",
+        device="cpu",
+        n_boot=50,
+    )
+    cases = manifest.read(m)
+    assert seen == [int((cases["split"] == "val").sum())]
+    preds = pd.read_csv(tmp_path / "eval/predictions.csv")
+    val = preds[preds["split"] == "val"]
+    assert res["threshold"] == pytest.approx(
+        real(val["label"].to_numpy(), val["probability"].to_numpy())
+    )
+    assert res["test"]["threshold"] == res["threshold"]
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["test"]["n"] == 3
+    for png in ("roc.png", "confusion.png", "training_curves.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 1000
