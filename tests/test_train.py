@@ -178,3 +178,46 @@ def test_threshold_comes_from_validation_only(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["test"]["n"] == 3
     for png in ("roc.png", "confusion.png", "training_curves.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 1000
+
+
+def test_killed_training_process_resumes_to_the_same_model(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    m = _tiny_cohort(tmp_path)
+    settings = {"epochs": 4, "batch_size": 2, "device": "cpu", "seed": 1}
+    cmd = [
+        sys.executable,
+        "-m",
+        "radflow.cli",
+        "train",
+        str(m),
+        None,
+        "--root",
+        str(tmp_path),
+        "--settings",
+        json.dumps(settings),
+        "--threads",
+        "1",
+    ]
+    ref = subprocess.run([*cmd[:5], str(tmp_path / "ref"), *cmd[6:]], capture_output=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd[:5], str(out), *cmd[6:]], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # in the middle of the next epoch
+    proc.wait()
+    first = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert first < 3
+    again = subprocess.run([*cmd[:5], str(out), *cmd[6:]], capture_output=True, text=True)
+    assert again.returncode == 0 and "resumed from" in again.stderr
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)

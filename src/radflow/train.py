@@ -321,7 +321,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
-    amp = settings.amp and device.type == "cuda"
+    amp = settings.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     seed_everything(settings.seed)
     cases = manifest.read(manifest_path)
     train_df, val_df = split_frames(cases, settings.fold)
