@@ -143,3 +143,15 @@ def test_qc_picture_is_written(tmp_path):
     img, aff, seg = _case()
     qc.triplanar_png(img, aff, seg == 5, tmp_path / "q.png", "case-x  liver 15.4 mL")
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stray_islands_do_not_stretch_the_crop():
+    img, aff, seg = _case()
+    seg[2:4, 2:4, 35:37] = 5  # a false-positive speck of "liver" far away
+    s = mask.MaskSettings(margin_mm=0.0, size=None)
+    res = mask.apply_mask(img, aff, seg, NAMES, s)
+    assert res.bbox_vox == [[20, 10, 10], [40, 30, 25]]
+    keep_all = mask.apply_mask(
+        img, aff, seg, NAMES, mask.MaskSettings(margin_mm=0.0, size=None, largest_component=False)
+    )
+    assert keep_all.bbox_vox == [[2, 2, 10], [40, 30, 37]]

@@ -147,13 +147,9 @@ def test_no_phi_outside_private(run, demo_cohort):
     assert proc.returncode == 0
     needles = set()
     for s in plan_cohort(SMALL):
-        needles |= {
-            s.patient_id,
-            s.name,
-            s.name.replace("^", " "),
-            _folder(s.name),
-            _folder(s.patient_id),
-        }
+        needles |= {s.patient_id, s.name, s.name.replace("^", " "), _folder(s.name)}
+        if len(_folder(s.patient_id)) >= 6:  # "../../etc" folds to "etc": too short to search
+            needles.add(_folder(s.patient_id))
         for st in s.studies:
             needles.add(st.accession)
     studies = pd.read_csv(demo_cohort / "studies.csv")

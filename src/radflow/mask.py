@@ -38,6 +38,7 @@ class MaskSettings:
     margin_mm: float = 10.0
     size: tuple[int, int, int] | None = (64, 64, 64)
     min_roi_ml: float = 5.0
+    largest_component: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MaskSettings:
@@ -86,6 +87,16 @@ def dilate_mm(mask: np.ndarray, spacing: Sequence[float], mm: float) -> np.ndarr
     out = np.zeros_like(mask)
     out[sl] = dist <= mm + 1e-6
     return out
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component (stray islands would stretch the crop)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def bbox(mask: np.ndarray) -> tuple[list[int], list[int]]:
@@ -156,6 +167,8 @@ def apply_mask(
         raise ValueError(f"image shape {image.shape} != label map shape {seg.shape}")
     spacing = geometry.ras_spacing(affine)
     roi = roi_mask(seg, names, settings.rois)
+    if settings.largest_component:
+        roi = largest_component(roi)
     roi_ml = float(roi.sum() * np.prod(spacing) / 1000.0)
     usable, reason = True, ""
     if roi_ml < settings.min_roi_ml:

@@ -280,6 +280,29 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, cache: Cache, batch_size: int, amp: bool) -> None:
+    """Recompute BatchNorm running statistics as exact averages over the (unaugmented) split.
+
+    With a few small batches per epoch the momentum-averaged running statistics lag far behind
+    the weights, so eval-mode predictions are garbage even when training fits ("precise BN").
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(cache) == 0:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i in range(0, len(cache), batch_size):
+        x = cache.batch(range(i, min(i + batch_size, len(cache))))
+        with torch.autocast(cache.device.type, dtype=torch.bfloat16, enabled=amp):
+            model(x)
+    for m, mom in zip(norms, saved, strict=True):
+        m.momentum = mom
+
+
+@torch.no_grad()
 def predict(model: nn.Module, cache: Cache, batch_size: int, amp: bool) -> np.ndarray:
     """Positive-class probability for every case of a cache."""
     model.eval()
@@ -390,6 +413,7 @@ def train(
             steps += 1
             if max_steps is not None and steps >= max_steps:  # tests: die like a killed job
                 raise InterruptedRunError(f"stopped after {steps} steps (epoch {epoch})")
+        recalibrate_batchnorm(model, tr, settings.batch_size, amp)
         val_auc = auc(va.labels.numpy(), predict(model, va, settings.batch_size, amp))
         row = {
             "epoch": epoch,
