@@ -221,3 +221,12 @@ def test_killed_training_process_resumes_to_the_same_model(tmp_path):
     assert a["epoch"] == b["epoch"] == 3
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_a_stale_last_checkpoint_is_not_resumed(tmp_path):
+    m = _tiny_cohort(tmp_path)
+    train.train(m, tmp_path / "run", _settings(epochs=1), root=tmp_path, threads=1)
+    out = train.train(m, tmp_path / "run", _settings(epochs=1, lr=5e-4), root=tmp_path, threads=1)
+    assert out["epochs_run"] == 1  # started afresh: other settings, not a resume
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["fingerprint"] == train.run_fingerprint(m, _settings(epochs=1, lr=5e-4))

@@ -325,6 +325,15 @@ def split_frames(cases: pd.DataFrame, fold: int | None) -> tuple[pd.DataFrame, p
     return cv[cv["fold"] != fold], cv[cv["fold"] == fold]
 
 
+def run_fingerprint(manifest_path: str | os.PathLike, settings: TrainSettings) -> str:
+    """Identity of a training run: the manifest's bytes and the settings."""
+    import hashlib
+
+    h = hashlib.sha256(Path(manifest_path).read_bytes())
+    h.update(json.dumps(asdict(settings), sort_keys=True).encode())
+    return h.hexdigest()
+
+
 class InterruptedRunError(RuntimeError):
     """Raised by ``max_steps`` to stop mid-epoch exactly as a killed job would."""
 
@@ -366,7 +375,14 @@ def train(
     gen = torch.Generator().manual_seed(settings.seed)
     start, history, best_auc, bad_epochs = 0, [], -1.0, 0
     last = out / "last.pt"
-    if last.exists():  # resume after a kill
+    fingerprint = run_fingerprint(manifest_path, settings)
+    if last.exists():  # resume after a kill -- only the same run, never a stale one
+        ck = torch.load(last, map_location=device, weights_only=True)
+        if ck.get("fingerprint") != fingerprint:
+            print(f"{last} is from another manifest or settings: starting afresh", file=sys.stderr)
+            last.unlink()
+            (out / "best.pt").unlink(missing_ok=True)
+    if last.exists():
         ck = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -444,6 +460,7 @@ def train(
                 "epoch": epoch,
                 "best_auc": best_auc,
                 "bad_epochs": bad_epochs,
+                "fingerprint": fingerprint,
                 "history": json.dumps(history),
             },
         )
