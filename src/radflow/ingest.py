@@ -60,10 +60,7 @@ class SelectionRules:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SelectionRules:
         """Build from a config mapping (unknown keys are an error)."""
-        d = section(cls, d, "selection")
-        for key in ("modalities", "exclude_image_types", "orientations"):
-            if key in d:
-                d[key] = tuple(d[key])
+        d = section(cls, d, "selection", ("modalities", "exclude_image_types", "orientations"))
         return cls(**d)
 
 

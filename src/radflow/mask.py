@@ -43,9 +43,7 @@ class MaskSettings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MaskSettings:
         """Build from a config mapping (unknown keys are an error)."""
-        d = section(cls, d, "mask")
-        if "rois" in d:
-            d["rois"] = tuple(d["rois"])
+        d = section(cls, d, "mask", ("rois",))
         if d.get("size") is not None:
             d["size"] = tuple(int(v) for v in d["size"])
         return cls(**d)

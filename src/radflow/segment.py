@@ -60,9 +60,7 @@ class SegmentSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SegmentSettings:
         """Build from a config mapping (unknown keys are an error)."""
-        d = section(cls, d, "segment")
-        if d.get("roi_subset") is not None:
-            d["roi_subset"] = tuple(d["roi_subset"])
+        d = section(cls, d, "segment", ("roi_subset",))
         if d.get("backend", "totalsegmentator") not in ("totalsegmentator", "precomputed"):
             raise ValueError("segment.backend must be 'totalsegmentator' or 'precomputed'")
         return cls(**d)

@@ -71,10 +71,7 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainSettings:
         """Build from a config mapping (unknown keys are an error)."""
-        d = section(cls, d, "train")
-        for key in ("channels", "hu_window", "zoom"):
-            if key in d:
-                d[key] = tuple(d[key])
+        d = section(cls, d, "train", ("channels", "hu_window", "zoom"))
         if d.get("arch", "r3d_18") not in ARCHS:
             raise ValueError(f"train.arch must be one of {ARCHS}")
         return cls(**d)
