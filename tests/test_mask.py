@@ -155,3 +155,29 @@ def test_stray_islands_do_not_stretch_the_crop():
         img, aff, seg, NAMES, mask.MaskSettings(margin_mm=0.0, size=None, largest_component=False)
     )
     assert keep_all.bbox_vox == [[2, 2, 10], [40, 30, 37]]
+
+
+def test_run_writes_qc_picture_and_table_with_reference(tmp_path):
+    img, aff, seg = _case()
+    save_nifti(img, aff, tmp_path / "img.nii.gz")
+    save_nifti(seg, aff, tmp_path / "seg.nii.gz")
+    labels = json.dumps({"labels": {str(k): v for k, v in NAMES.items()}})
+    (tmp_path / "seg.json").write_text(labels)
+    st = mask.run(
+        tmp_path / "img.nii.gz",
+        tmp_path / "seg.nii.gz",
+        tmp_path / "m.nii.gz",
+        mask.MaskSettings(size=(16, 16, 16)),
+        tmp_path / "roi.nii.gz",
+        tmp_path / "st.json",
+        qc_png=tmp_path / "qc.png",
+        seg_qc=tmp_path / "q.csv",
+        reference=tmp_path / "seg.nii.gz",
+        case_id="case-x",
+    )
+    assert st["usable"]
+    assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "q.csv")
+    assert table.loc[0, "roi"] == "liver" and table.loc[0, "dice"] == 1.0

@@ -124,15 +124,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     """Mask, crop and resample one case; QC picture and segmentation table."""
-    import nibabel as nib
-    import numpy as np
-    import pandas as pd
-
-    from radflow import mask, qc
-    from radflow.io import write_table
+    from radflow import mask
 
     settings = mask.MaskSettings.from_dict(args.settings)
-    threads = _threads(args.threads)
     status = mask.run(
         args.image,
         args.seg,
@@ -141,28 +135,13 @@ def cmd_mask(args: argparse.Namespace) -> int:
         args.roi_out,
         args.status,
         names_path=args.names,
-        threads=threads,
+        threads=_threads(args.threads),
+        qc_png=args.qc,
+        seg_qc=args.seg_qc,
+        reference=args.reference,
+        reference_names=args.reference_names,
+        case_id=args.case_id,
     )
-    img = nib.load(args.image)
-    seg = np.asanyarray(nib.load(args.seg).dataobj)
-    names = mask.load_names(args.names or mask._names_path(args.seg))
-    if args.qc:
-        roi = mask.roi_mask(seg, names, settings.rois)
-        title = f"{args.case_id}   {'+'.join(settings.rois)} {status['roi_ml']:.1f} mL"
-        if not status["usable"]:
-            title += f"   EXCLUDED: {status['reason']}"
-        qc.triplanar_png(np.asanyarray(img.dataobj), img.affine, roi, args.qc, title)
-    if args.seg_qc:
-        ref = None
-        if args.reference:
-            r = nib.load(args.reference)
-            ref = (
-                np.asanyarray(r.dataobj),
-                r.affine,
-                mask.load_names(args.reference_names or mask._names_path(args.reference)),
-            )
-        rows = qc.segmentation_rows(args.case_id, seg, img.affine, names, settings.rois, ref)
-        write_table(pd.DataFrame(rows), args.seg_qc)
     state = "usable" if status["usable"] else f"excluded: {status['reason']}"
     print(f"wrote {args.out}: shape {status['shape']}, ROI {status['roi_ml']:.1f} mL, {state}")
     return 0

@@ -150,6 +150,7 @@ class MaskResult:
     reason: str
     roi_ml: float
     bbox_vox: list[list[int]] | None
+    roi_on_input: np.ndarray  # the ROI used, on the input grid (for QC pictures)
 
 
 def apply_mask(
@@ -189,7 +190,7 @@ def apply_mask(
         masked = resample(masked, out_aff, grid_aff, grid_shape, 1, settings.background_hu, threads)
         keep = resample(keep.astype(np.int16), out_aff, grid_aff, grid_shape, 0, 0, threads) > 0
         out_aff = grid_aff
-    return MaskResult(masked, keep.astype(np.uint8), out_aff, usable, reason, roi_ml, box)
+    return MaskResult(masked, keep.astype(np.uint8), out_aff, usable, reason, roi_ml, box, roi)
 
 
 def load_names(path: str | os.PathLike) -> dict[int, str]:
@@ -210,21 +211,25 @@ def run(
     status_path: str | os.PathLike,
     names_path: str | os.PathLike | None = None,
     threads: int = 1,
+    qc_png: str | os.PathLike | None = None,
+    seg_qc: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    reference_names: str | os.PathLike | None = None,
+    case_id: str = "",
 ) -> dict[str, Any]:
-    """Mask one case from files; writes the masked volume, the ROI mask and a status JSON."""
+    """Mask one case from files: masked volume, ROI mask, status JSON and optionally its QC.
+
+    ``qc_png``: tri-planar picture with the ROI outline; ``seg_qc``: per-ROI volume table with
+    Dice/IoU against ``reference`` when one is given.
+    """
     img = nib.load(str(image_path))
     seg_img = nib.load(str(seg_path))
     if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
         raise ValueError(f"{seg_path}: label map is not on the image grid (affines differ)")
-    names = load_names(names_path or _names_path(seg_path))
-    res = apply_mask(
-        np.asanyarray(img.dataobj).astype(np.int16, copy=False),
-        img.affine,
-        np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False),
-        names,
-        settings,
-        threads,
-    )
+    names = load_names(names_path or names_path_of(seg_path))
+    image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
+    seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
+    res = apply_mask(image, img.affine, seg, names, settings, threads)
     save_nifti(res.masked, res.affine, out_path, threads=threads)
     save_nifti(res.roi, res.affine, roi_path, threads=threads)
     status = {
@@ -239,9 +244,30 @@ def run(
         "settings": asdict(settings),
     }
     write_json(status_path, status)
+    if qc_png is not None:
+        from radflow.qc import triplanar_png
+
+        title = f"{case_id}   {'+'.join(settings.rois)} {res.roi_ml:.1f} mL"
+        if not res.usable:
+            title += f"   EXCLUDED: {res.reason}"
+        triplanar_png(image, img.affine, res.roi_on_input, qc_png, title)
+    if seg_qc is not None:
+        import pandas as pd
+
+        from radflow.io import write_table
+        from radflow.qc import segmentation_rows
+
+        ref = None
+        if reference is not None:
+            r = nib.load(str(reference))
+            ref_names = load_names(reference_names or names_path_of(reference))
+            ref = (np.asanyarray(r.dataobj), r.affine, ref_names)
+        rows = segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref)
+        write_table(pd.DataFrame(rows), seg_qc)
     return status
 
 
-def _names_path(seg_path: str | os.PathLike) -> Path:
-    p = Path(seg_path)
+def names_path_of(label_map: str | os.PathLike) -> Path:
+    """The label-name JSON beside a label map (``x.nii.gz`` -> ``x.json``)."""
+    p = Path(label_map)
     return p.with_name(p.name.removesuffix(".nii.gz") + ".json")
