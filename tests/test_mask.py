@@ -95,21 +95,27 @@ def test_bad_roi_name_lists_close_matches():
         mask.validate_roi_names(["livers"], NAMES.values())
 
 
-def test_run_writes_outputs_and_status(tmp_path):
-    img, aff, seg = _case()
+def _run_on_files(tmp_path, img, aff, seg, **kw):
+    """Write a case as files (image, label map, label names) and run mask.run on them."""
     save_nifti(img, aff, tmp_path / "img.nii.gz")
     save_nifti(seg, aff, tmp_path / "seg.nii.gz")
     (tmp_path / "seg.json").write_text(
         json.dumps({"labels": {str(k): v for k, v in NAMES.items()}})
     )
-    st = mask.run(
+    return mask.run(
         tmp_path / "img.nii.gz",
         tmp_path / "seg.nii.gz",
         tmp_path / "m.nii.gz",
         mask.MaskSettings(size=(16, 16, 16)),
         tmp_path / "roi.nii.gz",
         tmp_path / "st.json",
+        **kw,
     )
+
+
+def test_run_writes_outputs_and_status(tmp_path):
+    img, aff, seg = _case()
+    st = _run_on_files(tmp_path, img, aff, seg)
     assert st["usable"] and st["shape"] == [16, 16, 16]
     m = nib.load(tmp_path / "m.nii.gz")
     assert m.get_data_dtype() == np.int16
@@ -159,17 +165,11 @@ def test_stray_islands_do_not_stretch_the_crop():
 
 def test_run_writes_qc_picture_and_table_with_reference(tmp_path):
     img, aff, seg = _case()
-    save_nifti(img, aff, tmp_path / "img.nii.gz")
-    save_nifti(seg, aff, tmp_path / "seg.nii.gz")
-    labels = json.dumps({"labels": {str(k): v for k, v in NAMES.items()}})
-    (tmp_path / "seg.json").write_text(labels)
-    st = mask.run(
-        tmp_path / "img.nii.gz",
-        tmp_path / "seg.nii.gz",
-        tmp_path / "m.nii.gz",
-        mask.MaskSettings(size=(16, 16, 16)),
-        tmp_path / "roi.nii.gz",
-        tmp_path / "st.json",
+    st = _run_on_files(
+        tmp_path,
+        img,
+        aff,
+        seg,
         qc_png=tmp_path / "qc.png",
         seg_qc=tmp_path / "q.csv",
         reference=tmp_path / "seg.nii.gz",
