@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
@@ -623,9 +622,3 @@ def make_cohort(out_dir: str | os.PathLike, settings: DemoSettings, workers: int
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-def read_pixels(path: str | os.PathLike) -> np.ndarray:
-    """HU pixels of one DICOM file (test helper for checking round trips)."""
-    ds = pydicom.dcmread(path)
-    return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)

@@ -110,9 +110,3 @@ def _write_fortran(fh: Any, data: np.ndarray, slab_bytes: int = 8 << 20) -> None
     step = max(1, slab_bytes // max(per_slice, 1))
     for k in range(0, data.shape[-1], step):
         fh.write(data[..., k : k + step].tobytes(order="F"))
-
-
-def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI volume as (array in its stored dtype, affine)."""
-    img = nib.load(str(path))
-    return np.asanyarray(img.dataobj), img.affine
