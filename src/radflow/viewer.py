@@ -31,7 +31,7 @@ import numpy as np
 from radflow.io import atomic_path
 
 GROUPS = ("TP", "FP", "FN", "TN", "unlabelled")
-GZIP_LEVEL = 6  # level 9 saves ~2 % on CAM/CT volumes at twice the time
+GZIP_LEVEL = 6  # on noisy 64³ CT + CAM + ROI, level 9 saves < 1 % at twice the time
 
 
 @dataclass
