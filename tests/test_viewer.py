@@ -138,6 +138,8 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="peak"):
         write_viewer([make_case("a", peak=(24, 0, 0))], out)
     assert not out.exists()
+    write_viewer([], out)  # an empty cohort still gets a page (it says there are no cases)
+    assert page_data(out.read_text())["cases"] == []
 
 
 # ---------------------------------------------------------------- browser
