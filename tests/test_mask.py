@@ -181,3 +181,33 @@ def test_run_writes_qc_picture_and_table_with_reference(tmp_path):
 
     table = pd.read_csv(tmp_path / "q.csv")
     assert table.loc[0, "roi"] == "liver" and table.loc[0, "dice"] == 1.0
+
+
+def test_lesion_left_out_by_the_organ_model_stays_in_the_roi():
+    """A hypodense lesion labelled background inside the liver: a hole that fill_holes keeps."""
+    img, aff, seg = _case()
+    seg[28:32, 18:22, 15:19] = 0  # enclosed hole in the liver block
+    img[28:32, 18:22, 15:19] = 5  # the lesion's HU
+    s = mask.MaskSettings(crop=False, size=None, background_hu=-1024)
+    res = mask.apply_mask(img, aff, seg, NAMES, s)
+    assert (res.masked[28:32, 18:22, 15:19] == 5).all()
+    assert res.roi[28:32, 18:22, 15:19].all()
+    holes = mask.apply_mask(
+        img, aff, seg, NAMES, mask.MaskSettings(crop=False, size=None, fill_holes=False)
+    )
+    assert (holes.masked[28:32, 18:22, 15:19] == -1024).all()
+
+
+def test_qc_picture_is_radiological(tmp_path):
+    """Patient right (high x in RAS) is drawn on the left of the axial panel."""
+    import matplotlib.image as mpimg
+
+    img = np.full((40, 40, 20), 40, np.int16)
+    img[34:38, 18:22, :] = 3000  # a bright marker on the patient's right
+    m = np.zeros(img.shape, bool)
+    m[10:30, 10:30, 5:15] = True
+    qc.triplanar_png(img, np.eye(4), m, tmp_path / "q.png", "orientation")
+    pix = mpimg.imread(tmp_path / "q.png")[..., :3].mean(-1)
+    axial = pix[:, : pix.shape[1] // 3]
+    cols = np.nonzero((axial > 0.95).any(0))[0]
+    assert len(cols) and cols.mean() < axial.shape[1] / 2

@@ -39,6 +39,7 @@ class MaskSettings:
     size: tuple[int, int, int] | None = (64, 64, 64)
     min_roi_ml: float = 5.0
     largest_component: bool = True
+    fill_holes: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MaskSettings:
@@ -168,6 +169,8 @@ def apply_mask(
     roi = roi_mask(seg, names, settings.rois)
     if settings.largest_component:
         roi = largest_component(roi)
+    if settings.fill_holes:  # organ models leave focal lesions out: keep them in the ROI
+        roi = ndimage.binary_fill_holes(roi)
     roi_ml = float(roi.sum() * np.prod(spacing) / 1000.0)
     usable, reason = True, ""
     if roi_ml < settings.min_roi_ml:

@@ -58,14 +58,27 @@ def triplanar_png(
                 origin="lower",
                 extent=extent,
             )
-        ax.set_title(name, color="white", fontsize=10)
-        ax.set_axis_off()
-    # radiological convention is not applied: RAS arrays, left of picture = patient right
+        radiological(ax, name)
+    # radiological convention: patient right on the picture's left, anterior left in sagittal
     fig.suptitle(title, color="white", fontsize=11)
     fig.tight_layout()
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, facecolor="black")
     plt.close(fig)
+
+
+ORIENT = {"axial": ("R", "L"), "coronal": ("R", "L"), "sagittal": ("A", "P")}
+
+
+def radiological(ax: Any, view: str) -> None:
+    """Flip a RAS-extent slice to the radiological convention and letter its sides."""
+    ax.invert_xaxis()  # +x is patient right (axial/coronal) or anterior (sagittal)
+    left, right = ORIENT[view]
+    kw = {"color": "#9fd3ff", "fontsize": 9, "transform": ax.transAxes, "va": "center"}
+    ax.text(0.01, 0.5, left, ha="left", **kw)
+    ax.text(0.99, 0.5, right, ha="right", **kw)
+    ax.set_title(view, color="white", fontsize=10)
+    ax.set_axis_off()
 
 
 def dice_iou(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
