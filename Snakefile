@@ -21,6 +21,7 @@ include: "workflow/rules/mask.smk"
 include: "workflow/rules/manifest.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/explain.smk"
 
 
 rule all:
@@ -31,4 +32,5 @@ rule all:
         masked,
         MANIFESTS,
         "results/eval/metrics.json",
+        explained,
         ["results/cv/summary.json"] if config["manifest"]["folds"] > 1 else [],

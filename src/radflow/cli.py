@@ -164,9 +164,13 @@ def cmd_qc_table(args: argparse.Namespace) -> int:
 def cmd_manifest(args: argparse.Namespace) -> int:
     """Write manifests/ from the inventory and the per-case outputs."""
     from radflow import manifest
+    from radflow.ingest import LabelSpec
 
     s = manifest.SplitSettings(**args.settings)
-    cases = manifest.run(args.inventory, args.root, args.out_dir, s, args.config_hash)
+    labels = LabelSpec(path=args.labels, key=args.label_key, column=args.label_column)
+    cases = manifest.run(
+        args.inventory, args.root, args.out_dir, s, args.config_hash, labels, args.id_map
+    )
     print(f"{len(cases)} cases in {cases['subject_id'].nunique()} subjects")
     print(manifest.summary(cases))
     return 0
@@ -233,6 +237,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Grad-CAM of one case: CAM volumes (own grid and CT grid), picture and numbers."""
+    from radflow import explain
+
+    settings = explain.ExplainSettings.from_dict(args.settings)
+    pred = explain.read_prediction(args.predictions, args.metrics, args.case_id)
+    info = explain.explain_case(
+        args.checkpoint,
+        args.masked,
+        args.roi,
+        args.ct,
+        args.out_dir,
+        args.case_id,
+        settings,
+        prediction=pred,
+        lesion_path=args.lesion,
+        threads=_threads(args.threads),
+    )
+    print(
+        f"{args.case_id}: {info['group']} p={info['probability']:.3f}, CAM peak at "
+        f"{info['peak_mm']} mm, r(trained, random)={info['randomised_model']['pearson']:.3f}"
+    )
+    return 0
+
+
+def cmd_explain_report(args: argparse.Namespace) -> int:
+    """Faithfulness summary and the offline review page over the explained cases."""
+    from radflow import explain
+
+    s = explain.report(args.case_jsons, args.out_dir, root=args.root, metrics=args.metrics)
+    pg = s["pointing_game"]
+    print(
+        f"pointing game {pg['hits']}/{pg['n']} true positives; {s['n_cases']} cases in the viewer"
+    )
+    return 0
+
+
 def cmd_train_phantom_model(args: argparse.Namespace) -> int:
     """Train the phantom nnU-Net model shipped under resources/."""
     from radflow import phantom_model
@@ -262,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unlabeled", type=int, default=1, help="subjects left out of the labels sheet")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--matrix", type=int, default=96, help="in-plane matrix of the image series")
-    d.add_argument("--lesion-radius-mm", type=float, default=12.0)
-    d.add_argument("--lesion-contrast-hu", type=float, default=-60.0)
+    d.add_argument("--lesion-radius-mm", type=float, default=16.0)
+    d.add_argument("--lesion-contrast-hu", type=float, default=-80.0)
     d.add_argument("--threads", type=int, default=1)
     d.set_defaults(func=cmd_demo_data)
 
@@ -327,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--root", default=".", help="project folder the case paths are relative to")
     mf.add_argument("--settings", type=_json_arg, default={}, help="split settings as JSON")
     mf.add_argument("--config-hash", default="unknown-config", help="hash of the workflow config")
+    mf.add_argument("--labels", default=None, help="labels sheet (CSV), joined here")
+    mf.add_argument("--label-key", default="PatientID")
+    mf.add_argument("--label-column", default="label")
+    mf.add_argument("--id-map", default=None, help="results/private/id_map.csv (raw keys)")
     mf.set_defaults(func=cmd_manifest)
 
     tr = sub.add_parser("train", help="fine-tune a 3D ResNet on the manifest")
@@ -352,6 +397,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
     ev.add_argument("--threads", type=int, default=1)
     ev.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("explain", help="Grad-CAM of one case (volumes, picture, numbers)")
+    x.add_argument("checkpoint", help="results/train/best.pt")
+    x.add_argument("masked", help="the case's masked volume (model input)")
+    x.add_argument("roi", help="the case's ROI mask on the masked grid")
+    x.add_argument("ct", help="the converted CT (the CAM is also put back on its grid)")
+    x.add_argument("out_dir")
+    x.add_argument("--case-id", required=True)
+    x.add_argument("--predictions", required=True, help="results/eval/predictions.csv")
+    x.add_argument("--metrics", default=None, help="results/eval/metrics.json (threshold)")
+    x.add_argument("--lesion", default=None, help="lesion mask for the faithfulness numbers")
+    x.add_argument("--settings", type=_json_arg, default={}, help="explain settings as JSON")
+    x.add_argument("--threads", type=int, default=1)
+    x.set_defaults(func=cmd_explain)
+
+    xr = sub.add_parser("explain-report", help="faithfulness summary and review page")
+    xr.add_argument("out_dir")
+    xr.add_argument("case_jsons", nargs="*", help="per-case explain JSON files")
+    xr.add_argument("--root", default=".")
+    xr.add_argument("--metrics", default=None)
+    xr.set_defaults(func=cmd_explain_report)
 
     t = sub.add_parser("train-phantom-model", help="train the shipped phantom nnU-Net model")
     t.add_argument("out_dir")

@@ -17,13 +17,18 @@ def resample(
     fill: float = -1024.0,
     threads: int = 1,
     slab: int = 16,
+    dtype: type = np.int16,
 ) -> np.ndarray:
-    """Resample ``vol`` onto a target grid (world coordinates preserved); int16 output."""
+    """Resample ``vol`` onto a target grid (world coordinates preserved).
+
+    ``dtype`` int16 (HU, labels: rounded and clipped) or a float type (CAMs: kept as is).
+    """
     m = np.linalg.inv(affine) @ target_affine  # target voxel -> source voxel
     src = vol
     if order > 1:
         src = ndimage.spline_filter(vol, order=order, output=np.float32)
-    out = np.empty(target_shape, dtype=np.int16, order="F")
+    out = np.empty(target_shape, dtype=dtype, order="F")
+    as_int = np.issubdtype(np.dtype(dtype), np.integer)
 
     def work(z0: int) -> None:
         nz = min(slab, target_shape[2] - z0)
@@ -39,7 +44,9 @@ def resample(
             cval=fill,
             prefilter=False,
         )
-        out[:, :, z0 : z0 + nz] = np.clip(np.rint(res), -32768, 32767).astype(np.int16)
+        if as_int:
+            res = np.clip(np.rint(res), -32768, 32767)
+        out[:, :, z0 : z0 + nz] = res
 
     starts = range(0, target_shape[2], slab)
     if threads > 1:

@@ -179,6 +179,7 @@ class Cache:
             else:
                 self.data = self.data.pin_memory()
         self.window = settings.hu_window
+        self.channels = settings.channels
         self.image_channels = [i for i, c in enumerate(settings.channels) if c == "image"]
 
     def __len__(self) -> int:
@@ -186,14 +187,24 @@ class Cache:
 
     def batch(self, idx: Sequence[int]) -> torch.Tensor:
         """Float batch (B, C, Z, Y, X) on the device, HU windowed to [0, 1]."""
-        x = self.data[list(idx)].to(self.device, non_blocking=True).float()
-        lo, hi = self.window
-        for c in range(x.shape[1]):
-            if c in self.image_channels:
-                x[:, c] = ((x[:, c] - lo) / (hi - lo)).clamp_(0, 1)
-            else:
-                x[:, c] = (x[:, c] > 0).float()
-        return x.permute(0, 1, 4, 3, 2).contiguous()  # RAS (x, y, z) -> (z, y, x) = (T, H, W)
+        x = self.data[list(idx)].to(self.device, non_blocking=True)
+        return model_input(x, self.channels, self.window)
+
+
+def model_input(x: torch.Tensor, channels: Sequence[str], window: Sequence[float]) -> torch.Tensor:
+    """Stored volumes (B, C, X, Y, Z) in RAS -> the network's float input (B, C, Z, Y, X).
+
+    ``image`` channels: HU windowed to [0, 1]; ``roi`` channels: 0/1. The network sees the
+    volume as a video (T, H, W) = (z, y, x).
+    """
+    x = x.float()
+    lo, hi = window
+    for c, name in enumerate(channels):
+        if name == "image":
+            x[:, c] = ((x[:, c] - lo) / (hi - lo)).clamp_(0, 1)
+        else:
+            x[:, c] = (x[:, c] > 0).float()
+    return x.permute(0, 1, 4, 3, 2).contiguous()
 
 
 def augment(

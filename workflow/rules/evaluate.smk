@@ -7,15 +7,20 @@ rule evaluate:
         predictions="results/eval/predictions.csv",
         metrics="results/eval/metrics.json",
         roc=report(
-            "results/eval/roc.png", category="Evaluation", labels={"figure": "ROC"}
+            "results/eval/roc.png",
+            caption="../report/roc.rst",
+            category="Evaluation",
+            labels={"figure": "ROC"},
         ),
         confusion=report(
             "results/eval/confusion.png",
+            caption="../report/confusion.rst",
             category="Evaluation",
             labels={"figure": "confusion matrix"},
         ),
         curves=report(
             "results/eval/training_curves.png",
+            caption="../report/training_curves.rst",
             category="Training",
             labels={"figure": "training curves"},
         ),

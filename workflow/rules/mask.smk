@@ -10,6 +10,7 @@ rule mask:
         status="results/masked/{case}.json",
         qc=report(
             "results/qc/{case}.png",
+            caption="../report/qc.rst",
             category="QC",
             subcategory="segmentation",
             labels={"case": "{case}"},

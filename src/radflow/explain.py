@@ -1,0 +1,507 @@
+"""explain: Grad-CAM / Grad-CAM++ (grad-cam) for one case, on its own grid and the CT's.
+
+Per case this writes
+
+* ``{case}_cam.nii.gz``: the CAM grad-cam returns (normalised to [0, 1] per volume), float32,
+  on the masked volume's grid with its affine;
+* ``{case}_cam_raw.nii.gz``: the same CAM before normalisation (ReLU of the weighted
+  activations, upsampled linearly), so one case's evidence can be compared with another's;
+* ``{case}_cam_ct.nii.gz``: the normalised CAM put back on the converted CT's grid (the crop and
+  resampling undone through world coordinates), to open over the original volume in 3D Slicer
+  or ITK-SNAP;
+* ``{case}.png``: axial, coronal and sagittal slices through the CAM peak (radiological
+  convention), the model's HU window underneath, the CAM with transparency and a colour bar,
+  the ROI outline; prediction, probability and label in the title;
+* ``{case}.json``: the numbers -- peak (voxel and world mm), raw CAM scale, the correlation with
+  the CAM of a randomly re-initialised model (sanity check), and, when a lesion mask is given,
+  the pointing-game hit and the CAM mass inside the lesion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from radflow import geometry
+from radflow.io import save_nifti, write_json
+from radflow.settings import section
+
+METHODS = ("gradcam", "gradcam++")
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Explanation settings (config key ``explain``)."""
+
+    method: str = "gradcam"  # gradcam | gradcam++
+    target_layer: str = "layer4"  # dotted module path; default: the last residual block
+    target_class: int = 1  # the positive class
+    device: str = "auto"
+    random_seed: int = 0  # seed of the re-initialised model of the randomisation check
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ExplainSettings:
+        """Build from a config mapping (unknown keys are an error)."""
+        d = section(cls, d, "explain", ())
+        if d.get("method", "gradcam") not in METHODS:
+            raise ValueError(f"explain.method must be one of {METHODS}")
+        return cls(**d)
+
+
+def target_module(model: Any, path: str) -> Any:
+    """The module at a dotted path (``layer4``, ``layer4.1.conv2``)."""
+    mod = model
+    for part in path.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part, None)
+        if mod is None:
+            raise ValueError(f"explain.target_layer: the model has no module {path!r}")
+    return mod
+
+
+def compute_cam(
+    model: Any, x: Any, method: str, layer: str, target_class: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised, raw) CAM of one input ``x`` (1, C, Z, Y, X), both (Z, Y, X) float32.
+
+    The normalised CAM is grad-cam's output. The raw CAM is grad-cam's own weighted activation
+    map (``get_cam_image``) before its per-volume min-max scaling, upsampled linearly.
+    """
+    import torch
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from scipy import ndimage
+
+    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
+    targets = [ClassifierOutputTarget(target_class)]
+    mod = target_module(model, layer)
+    with cls(model=model, target_layers=[mod]) as cam:
+        with torch.autocast(x.device.type, enabled=False):
+            norm = cam(input_tensor=x, targets=targets)[0]
+        acts = cam.activations_and_grads.activations[-1].cpu().numpy()
+        grads = cam.activations_and_grads.gradients[-1].cpu().numpy()
+        raw_small = np.maximum(cam.get_cam_image(x, mod, targets, acts, grads)[0], 0)
+    factors = [t / s for t, s in zip(x.shape[2:], raw_small.shape, strict=True)]
+    raw = ndimage.zoom(raw_small.astype(np.float32), factors, order=1, mode="nearest")
+    return norm.astype(np.float32), raw.astype(np.float32)
+
+
+def to_ras(zyx: np.ndarray) -> np.ndarray:
+    """Network order (Z, Y, X) -> RAS voxel order (X, Y, Z)."""
+    return np.ascontiguousarray(np.transpose(zyx, (2, 1, 0)))
+
+
+def uncrop(cam: np.ndarray, cam_affine: np.ndarray, ct: nib.Nifti1Image) -> np.ndarray:
+    """The CAM resampled (linear, 0 outside) onto the converted CT's grid via world coordinates."""
+    from radflow.resampling import resample
+
+    return resample(cam, cam_affine, ct.affine, ct.shape[:3], order=1, fill=0.0, dtype=np.float32)
+
+
+def peak_index(cam: np.ndarray) -> tuple[int, int, int]:
+    """Voxel index of the CAM maximum."""
+    return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))  # type: ignore[return-value]
+
+
+def pointing_game(cam: np.ndarray, lesion: np.ndarray, tolerance_vox: int = 1) -> bool:
+    """True when the CAM peak lies in the lesion grown by ``tolerance_vox`` voxels."""
+    from scipy import ndimage
+
+    if not lesion.any():
+        return False
+    grown = ndimage.binary_dilation(lesion, iterations=tolerance_vox) if tolerance_vox else lesion
+    return bool(grown[peak_index(cam)])
+
+
+def mass_inside(cam: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of the CAM's total mass that lies inside ``mask`` (NaN for an all-zero CAM)."""
+    total = float(cam.sum())
+    return float(cam[mask.astype(bool)].sum() / total) if total > 0 else float("nan")
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Pearson and Spearman correlation of two CAMs (NaN when one is constant)."""
+    from scipy import stats
+
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    return {
+        "pearson": float(np.corrcoef(a, b)[0, 1]),
+        "spearman": float(stats.spearmanr(a, b).statistic),
+    }
+
+
+def random_model_like(ck: dict[str, Any], seed: int) -> Any:
+    """The checkpoint's architecture with fresh random weights (model-randomisation check)."""
+    import torch
+
+    from radflow import train
+
+    torch.manual_seed(seed)
+    return train.build_model(ck["arch"], len(ck["channels"]), ck["n_classes"], "none").eval()
+
+
+def explain_case(
+    checkpoint: str | os.PathLike,
+    masked_path: str | os.PathLike,
+    roi_path: str | os.PathLike,
+    ct_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    case_id: str,
+    settings: ExplainSettings,
+    prediction: dict[str, Any] | None = None,
+    lesion_path: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Explain one case: CAM volumes, picture and numbers (see the module docstring)."""
+    import torch
+
+    from radflow import train
+
+    torch.set_num_threads(threads)
+    dev = train.resolve_device(settings.device)
+    model, ck = train.load_checkpoint(checkpoint, str(dev))
+    model.to(dev)
+    masked = nib.load(str(masked_path))
+    roi_img = nib.load(str(roi_path))
+    hu = np.asanyarray(masked.dataobj).astype(np.int16)
+    roi = np.asanyarray(roi_img.dataobj) > 0
+    arrays = {"image": hu, "roi": roi.astype(np.int16)}
+    vol = np.stack([arrays[c] for c in ck["channels"]])[None]
+    x = train.model_input(torch.from_numpy(vol).to(dev), ck["channels"], ck["hu_window"])
+    with torch.no_grad():
+        prob = float(model(x).float().softmax(1)[0, settings.target_class])
+    norm_zyx, raw_zyx = compute_cam(
+        model, x, settings.method, settings.target_layer, settings.target_class
+    )
+    cam, raw = to_ras(norm_zyx), to_ras(raw_zyx)
+    rand_model = random_model_like(ck, settings.random_seed).to(dev)
+    rand_cam = to_ras(
+        compute_cam(rand_model, x, settings.method, settings.target_layer, settings.target_class)[0]
+    )
+    ct = nib.load(str(ct_path))
+    cam_ct = uncrop(cam, masked.affine, ct)
+
+    out = Path(out_dir)
+    save_nifti(cam, masked.affine, out / f"{case_id}_cam.nii.gz")
+    save_nifti(raw, masked.affine, out / f"{case_id}_cam_raw.nii.gz")
+    save_nifti(cam_ct, ct.affine, out / f"{case_id}_cam_ct.nii.gz")
+
+    peak = peak_index(cam)
+    pred = dict(prediction or {})
+    info: dict[str, Any] = {
+        "case_id": case_id,
+        "method": settings.method,
+        "target_layer": settings.target_layer,
+        "target_class": settings.target_class,
+        "probability": pred.get("probability", prob),
+        "probability_recomputed": prob,
+        "prediction": pred.get("prediction"),
+        "label": pred.get("label"),
+        "split": pred.get("split"),
+        "threshold": pred.get("threshold"),
+        "group": outcome(pred.get("label"), pred.get("prediction")),
+        "peak_vox": list(peak),
+        "peak_mm": [round(float(v), 2) for v in geometry.voxel_to_world(masked.affine, peak)],
+        "raw_max": float(raw.max()),
+        "raw_mean_in_roi": float(raw[roi].mean()) if roi.any() else float("nan"),
+        "mass_in_roi": mass_inside(raw, roi),
+        "randomised_model": correlation(cam, rand_cam),
+        "checkpoint_epoch": int(ck["epoch"]),
+        "hu_window": list(ck["hu_window"]),
+        "settings": asdict(settings),
+    }
+    if lesion_path is not None:
+        from radflow.qc import to_grid
+
+        les_img = nib.load(str(lesion_path))
+        les = np.asanyarray(les_img.dataobj).astype(np.uint8)
+        lesion = to_grid(les, les_img.affine, masked.affine, cam.shape) > 0
+        info["lesion_voxels"] = int(lesion.sum())
+        info["pointing_hit"] = pointing_game(cam, lesion, 1) if lesion.any() else None
+        info["mass_in_lesion"] = mass_inside(raw, lesion) if lesion.any() else None
+        info["lesion_fraction_of_roi"] = (
+            float((lesion & roi).sum() / roi.sum()) if roi.any() and lesion.any() else None
+        )
+    title = (
+        f"{case_id}  {info['group']}  p={info['probability']:.2f}  pred={info['prediction']}  "
+        f"label={info['label']}  ({settings.method})"
+    )
+    cam_png(hu, cam, roi, masked.affine, ck["hu_window"], out / f"{case_id}.png", title)
+    write_json(out / f"{case_id}.json", info)
+    return info
+
+
+def outcome(label: Any, prediction: Any) -> str:
+    """TP / FP / FN / TN, or ``unlabelled``."""
+    if label is None or prediction is None or (isinstance(label, float) and np.isnan(label)):
+        return "unlabelled"
+    return {(1, 1): "TP", (0, 1): "FP", (1, 0): "FN", (0, 0): "TN"}[(int(label), int(prediction))]
+
+
+def cam_png(
+    hu: np.ndarray,
+    cam: np.ndarray,
+    roi: np.ndarray,
+    affine: np.ndarray,
+    window: tuple[float, float] | list[float],
+    out_path: str | os.PathLike,
+    title: str,
+) -> None:
+    """Tri-planar CAM overlay through the CAM peak (radiological convention), with colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from radflow.io import atomic_path
+    from radflow.qc import radiological
+
+    sp = geometry.ras_spacing(affine)
+    i, j, k = peak_index(cam)
+    views = [
+        ("axial", (slice(None), slice(None), k), (sp[0], sp[1])),
+        ("coronal", (slice(None), j, slice(None)), (sp[0], sp[2])),
+        ("sagittal", (i, slice(None), slice(None)), (sp[1], sp[2])),
+    ]
+    cmap = matplotlib.colormaps["jet"]
+    fig, axes = plt.subplots(
+        1, 4, figsize=(12.6, 4.4), facecolor="black", width_ratios=[1, 1, 1, 0.06]
+    )
+    for ax, (name, sl, (sx, sy)) in zip(axes[:3], views, strict=True):
+        img, c, m = hu[sl].T, cam[sl].T, roi[sl].T
+        h, w = img.shape
+        extent = (0, w * sx, 0, h * sy)
+        ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", extent=extent)
+        rgba = cmap(c)
+        rgba[..., 3] = np.clip(c, 0, 1) * 0.6  # low CAM transparent
+        ax.imshow(rgba, origin="lower", extent=extent, interpolation="nearest")
+        if m.any():
+            ax.contour(
+                m.astype(float),
+                [0.5],
+                colors="white",
+                linewidths=0.8,
+                origin="lower",
+                extent=extent,
+            )
+        radiological(ax, name)
+    scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap)
+    cb = fig.colorbar(scale, cax=axes[3])
+    cb.set_label("Grad-CAM (normalised)", color="white")
+    cb.ax.yaxis.set_tick_params(color="white", labelcolor="white")
+    fig.suptitle(title, color="white", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, facecolor="black")
+    plt.close(fig)
+
+
+def read_prediction(
+    predictions: str | os.PathLike, metrics: str | os.PathLike | None, case_id: str
+) -> dict[str, Any]:
+    """The case's row of predictions.csv (+ the validation threshold from metrics.json)."""
+    import pandas as pd
+
+    df = pd.read_csv(predictions, dtype={"case_id": str})
+    rows = df[df["case_id"] == case_id]
+    if rows.empty:
+        raise KeyError(f"{case_id} is not in {predictions}")
+    r = rows.iloc[0]
+    out = {
+        "probability": float(r["probability"]),
+        "prediction": int(r["prediction"]),
+        "label": None if pd.isna(r["label"]) else int(r["label"]),
+        "split": str(r["split"]),
+    }
+    if metrics is not None:
+        out["threshold"] = float(json.loads(Path(metrics).read_text())["threshold"])
+    return out
+
+
+# --------------------------------------------------------------------------- cohort summary
+
+
+def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str, Any]:
+    """Faithfulness over the explained cases: pointing game and lesion mass for true positives,
+    and the model-randomisation check for every case."""
+    tps = [i for i in infos if i.get("group") == "TP" and i.get("pointing_hit") is not None]
+    hits = [bool(i["pointing_hit"]) for i in tps]
+    mass = [float(i["mass_in_lesion"]) for i in tps]
+    chance = [float(i["lesion_fraction_of_roi"]) for i in tps]
+    rand = [i["randomised_model"]["pearson"] for i in infos]
+    rand = [r for r in rand if not np.isnan(r)]
+
+    def stats(v: list[float]) -> dict[str, float | None]:
+        if not v:
+            return {"mean": None, "sd": None, "min": None, "max": None}
+        a = np.asarray(v, dtype=float)
+        return {
+            "mean": a.mean(),
+            "sd": a.std(ddof=1) if len(a) > 1 else 0.0,
+            "min": a.min(),
+            "max": a.max(),
+        }
+
+    return {
+        "n_cases": len(infos),
+        "n_true_positives_with_lesion": len(tps),
+        "pointing_game": {
+            "hit_rate": float(np.mean(hits)) if hits else None,
+            "hits": int(sum(hits)),
+            "n": len(hits),
+            "tolerance_vox": 1,
+            "target": hit_target,
+            "meets_target": bool(hits) and float(np.mean(hits)) >= hit_target,
+        },
+        "cam_mass_in_lesion": stats(mass),
+        "lesion_fraction_of_roi": stats(chance),
+        "randomised_model_correlation": {
+            "pearson": stats(rand),
+            "note": "CAM of the trained model vs the same architecture re-initialised at random; "
+            "a faithful explanation depends on the learned weights, so this should be low",
+        },
+        "per_case": [
+            {
+                k: i.get(k)
+                for k in (
+                    "case_id",
+                    "split",
+                    "group",
+                    "probability",
+                    "pointing_hit",
+                    "mass_in_lesion",
+                    "lesion_fraction_of_roi",
+                )
+            }
+            | {"randomised_pearson": i["randomised_model"]["pearson"]}
+            for i in infos
+        ],
+    }
+
+
+def viewer_case(info: dict[str, Any], masked: Path, roi: Path, cam: Path) -> Any:
+    """A review-page case from the per-case JSON and volumes (CT in the model's window)."""
+    from radflow.viewer import ViewerCase
+
+    img = nib.load(str(masked))
+    hu = np.asanyarray(img.dataobj).astype(np.float32)
+    ck_window = info.get("hu_window") or (-160.0, 240.0)
+    lo, hi = ck_window
+    ct = np.clip((hu - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+    c = np.asanyarray(nib.load(str(cam)).dataobj).astype(np.float32)
+    numbers: dict[str, float | int | str] = {
+        "raw CAM max": round(info["raw_max"], 4),
+        "CAM mass in ROI": round(info["mass_in_roi"], 3),
+        "r(trained, random CAM)": round(info["randomised_model"]["pearson"], 3),
+        "method": info["method"],
+    }
+    if info.get("mass_in_lesion") is not None:
+        numbers["CAM mass in lesion"] = round(info["mass_in_lesion"], 3)
+        numbers["peak in lesion"] = "yes" if info["pointing_hit"] else "no"
+    return ViewerCase(
+        case_id=info["case_id"],
+        group=info["group"],
+        probability=float(info["probability"]),
+        prediction=int(info["prediction"]) if info["prediction"] is not None else 0,
+        label=info["label"],
+        split=str(info["split"]),
+        threshold=float(info["threshold"]) if info.get("threshold") is not None else 0.5,
+        numbers=numbers,
+        ct=ct,
+        cam=np.clip(np.rint(c * 255), 0, 255).astype(np.uint8),
+        roi=np.asanyarray(nib.load(str(roi)).dataobj) > 0,
+        spacing=tuple(float(v) for v in geometry.ras_spacing(img.affine)),  # type: ignore[arg-type]
+        peak=tuple(info["peak_vox"]),  # type: ignore[arg-type]
+    )
+
+
+def report(
+    case_jsons: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    root: str | os.PathLike = ".",
+    metrics: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Cohort outputs: ``faithfulness.json``, ``faithfulness.png`` and the review ``index.html``."""
+    from radflow.viewer import write_viewer
+
+    out, root = Path(out_dir), Path(root)
+    infos = [json.loads(Path(p).read_text()) for p in case_jsons]
+    summary = summarise(infos)
+    write_json(out / "faithfulness.json", summary)
+    faithfulness_png(summary, out / "faithfulness.png")
+    cases = []
+    for info, p in zip(infos, case_jsons, strict=True):
+        cid = info["case_id"]
+        cases.append(
+            viewer_case(
+                info,
+                root / "results" / "masked" / f"{cid}.nii.gz",
+                root / "results" / "masked" / f"{cid}_roi.nii.gz",
+                Path(p).with_name(f"{cid}_cam.nii.gz"),
+            )
+        )
+    meta: dict[str, Any] = {"cases": len(cases)}
+    if infos:
+        meta["method"] = infos[0]["method"]
+        meta["target layer"] = infos[0]["target_layer"]
+    if metrics is not None and Path(metrics).exists():
+        m = json.loads(Path(metrics).read_text())
+        meta["model"] = m.get("arch")
+        meta["test AUC"] = round(m["test"]["auc"], 3) if m["test"].get("auc") is not None else None
+        meta["threshold (val)"] = round(m["threshold"], 3)
+    pg = summary["pointing_game"]
+    if pg["hit_rate"] is not None:
+        meta["pointing game"] = f"{pg['hits']}/{pg['n']}"
+    write_viewer(cases, out / "index.html", meta=meta)
+    return summary
+
+
+def faithfulness_png(summary: dict[str, Any], path: Path) -> None:
+    """Per-case CAM mass in the lesion (vs the lesion's share of the ROI) and the randomisation
+    correlations, with the pointing-game hit rate in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from radflow.io import atomic_path
+
+    rows = summary["per_case"]
+    tp = [r for r in rows if r["mass_in_lesion"] is not None and r["group"] == "TP"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if tp:
+        xs = np.arange(len(tp))
+        a.bar(xs - 0.2, [r["mass_in_lesion"] for r in tp], 0.4, label="CAM mass in lesion")
+        a.bar(xs + 0.2, [r["lesion_fraction_of_roi"] for r in tp], 0.4, label="lesion / ROI")
+        for x, r in zip(xs, tp, strict=True):
+            a.text(
+                x - 0.2,
+                r["mass_in_lesion"] + 0.02,
+                "hit" if r["pointing_hit"] else "miss",
+                ha="center",
+                fontsize=7,
+            )
+        a.set_xticks(xs, [r["case_id"][-6:] for r in tp], rotation=45, fontsize=7)
+        a.set_ylim(0, 1.1)
+        a.legend(fontsize=8)
+    else:
+        a.text(0.5, 0.5, "no true positives with a lesion mask", ha="center", transform=a.transAxes)
+    a.set_title("true positives: CAM mass inside the lesion", fontsize=10)
+    r = [x["randomised_pearson"] for x in rows if x["randomised_pearson"] is not None]
+    b.hist([v for v in r if not np.isnan(v)], bins=10, range=(-1, 1), color="#777")
+    b.set_xlabel("Pearson r, trained vs randomised-model CAM")
+    b.set_title("model-randomisation check", fontsize=10)
+    pg = summary["pointing_game"]
+    rate = "n/a" if pg["hit_rate"] is None else f"{pg['hit_rate']:.2f} ({pg['hits']}/{pg['n']})"
+    fig.suptitle(f"Grad-CAM faithfulness — pointing-game hit rate {rate}", fontsize=11)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

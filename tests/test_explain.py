@@ -1,0 +1,190 @@
+"""explain: Grad-CAM volumes on the right grids, Grad-CAM++ on 5D input, faithfulness numbers."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from radflow import explain, train
+from radflow.io import save_nifti
+
+
+def _checkpoint(path, channels=("image",)):
+    torch.manual_seed(0)
+    model = train.build_model("r3d_18", len(channels), 2)
+    s = train.TrainSettings(channels=tuple(channels), hu_window=(-40.0, 160.0))
+    train.save_checkpoint(path, model, s, 2, 0, 0.5)
+    return path
+
+
+def _case(tmp_path, ct_shape=(40, 36, 30)):
+    """A converted CT, and a masked crop of it on a coarser grid (as mask.run writes them)."""
+    rng = np.random.default_rng(0)
+    ct_aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    ct_aff[:3, 3] = [-40.0, -30.0, -50.0]
+    ct = rng.normal(60, 10, ct_shape).astype(np.int16)
+    save_nifti(ct, ct_aff, tmp_path / "ct.nii.gz")
+    m_aff = np.diag([2.5, 2.5, 2.5, 1.0])
+    m_aff[:3, 3] = [-30.0, -20.0, -35.0]  # inside the CT's field of view
+    masked = rng.normal(60, 10, (16, 16, 16)).astype(np.int16)
+    roi = np.zeros((16, 16, 16), np.uint8)
+    roi[3:13, 3:13, 3:13] = 1
+    masked[roi == 0] = -1024
+    save_nifti(masked, m_aff, tmp_path / "masked.nii.gz")
+    save_nifti(roi, m_aff, tmp_path / "roi.nii.gz")
+    return ct_aff, m_aff
+
+
+def test_grad_cam_plus_plus_runs_on_5d_input():
+    torch.manual_seed(0)
+    model = train.build_model("r3d_18", 1, 2).eval()
+    x = torch.rand(1, 1, 16, 20, 24)
+    for method in explain.METHODS:
+        norm, raw = explain.compute_cam(model, x, method, "layer4", 1)
+        assert norm.shape == raw.shape == (16, 20, 24)
+        assert np.isfinite(norm).all() and np.isfinite(raw).all()
+        assert norm.min() >= -1e-3 and norm.max() <= 1 + 1e-3
+        assert raw.min() >= 0
+
+
+def test_unknown_target_layer_is_a_clear_error():
+    model = train.build_model("r3d_18", 1, 2)
+    with pytest.raises(ValueError, match="layer9"):
+        explain.target_module(model, "layer9")
+    assert explain.target_module(model, "layer4.1.conv2") is model.layer4[1].conv2
+
+
+def test_explain_case_writes_cams_on_the_masked_and_ct_grids(tmp_path):
+    ct_aff, m_aff = _case(tmp_path)
+    ck = _checkpoint(tmp_path / "best.pt", channels=("image", "roi"))
+    lesion = np.zeros((16, 16, 16), np.uint8)
+    lesion[6:9, 6:9, 6:9] = 1
+    save_nifti(lesion, m_aff, tmp_path / "lesion.nii.gz")
+    pred = {"probability": 0.8, "prediction": 1, "label": 1, "split": "test", "threshold": 0.5}
+    out = tmp_path / "explain"
+    info = explain.explain_case(
+        ck,
+        tmp_path / "masked.nii.gz",
+        tmp_path / "roi.nii.gz",
+        tmp_path / "ct.nii.gz",
+        out,
+        "case-0123456789ab",
+        explain.ExplainSettings(method="gradcam++", device="cpu"),
+        prediction=pred,
+        lesion_path=tmp_path / "lesion.nii.gz",
+    )
+    cam = nib.load(out / "case-0123456789ab_cam.nii.gz")
+    raw = nib.load(out / "case-0123456789ab_cam_raw.nii.gz")
+    on_ct = nib.load(out / "case-0123456789ab_cam_ct.nii.gz")
+    for img in (cam, raw):
+        assert img.shape == (16, 16, 16)
+        assert np.allclose(img.affine, m_aff)
+        assert img.get_data_dtype() == np.float32
+    assert on_ct.shape == (40, 36, 30) and np.allclose(on_ct.affine, ct_aff)
+    assert on_ct.get_data_dtype() == np.float32
+    assert info["group"] == "TP" and info["lesion_voxels"] == 27
+    assert isinstance(info["pointing_hit"], bool)
+    assert 0.0 <= info["mass_in_lesion"] <= 1.0
+    assert (out / "case-0123456789ab.png").stat().st_size > 5000
+    saved = json.loads((out / "case-0123456789ab.json").read_text())
+    assert saved["peak_vox"] == list(explain.peak_index(np.asanyarray(cam.dataobj)))
+    # the raw CAM keeps its own scale: normalised CAM x raw max ~ raw CAM where both are high
+    r = np.asanyarray(raw.dataobj)
+    assert saved["raw_max"] == pytest.approx(float(r.max()), rel=1e-5)
+
+
+def test_uncropped_cam_lines_up_with_the_ct(tmp_path):
+    """A CAM with a known peak on the crop grid lands on the CT voxel at the same world point."""
+    ct_aff, m_aff = _case(tmp_path)
+    ct = nib.load(tmp_path / "ct.nii.gz")
+    cam = np.zeros((16, 16, 16), np.float32)
+    peak = (11, 4, 9)
+    cam[peak] = 1.0
+    on_ct = explain.uncrop(cam, m_aff, ct)
+    world = m_aff @ np.array([*peak, 1.0])
+    expected = np.linalg.solve(ct_aff, world)[:3]  # fractional CT voxel of the peak
+    got = np.array(np.unravel_index(int(np.argmax(on_ct)), on_ct.shape))
+    assert np.abs(got - expected).max() <= 0.5 + 1e-6
+    # centre of mass of the spread peak is at the world point (linear interpolation)
+    idx = np.argwhere(on_ct > 0)
+    w = on_ct[on_ct > 0]
+    assert np.allclose((idx * w[:, None]).sum(0) / w.sum(), expected, atol=0.35)
+    # nothing outside the crop's field of view
+    corner = np.linalg.solve(m_aff, ct_aff @ np.array([0, 0, 0, 1.0]))[:3]
+    assert (corner < -1).all() and on_ct[0, 0, 0] == 0
+
+
+def test_pointing_game_and_mass():
+    cam = np.zeros((10, 10, 10), np.float32)
+    cam[5, 5, 5] = 1.0
+    cam[1, 1, 1] = 0.5
+    lesion = np.zeros((10, 10, 10), bool)
+    lesion[6:8, 5, 5] = True  # peak one voxel away: a hit with tolerance 1, a miss without
+    assert explain.pointing_game(cam, lesion, 1)
+    assert not explain.pointing_game(cam, lesion, 0)
+    lesion[5, 5, 5] = True
+    assert explain.mass_inside(cam, lesion) == pytest.approx(1.0 / 1.5)
+    assert explain.mass_inside(np.zeros_like(cam), lesion) != explain.mass_inside(cam, lesion)
+
+
+def test_randomised_model_cam_differs_from_a_trained_one():
+    """Sanity of the check itself: the same weights give r = 1, fresh random weights do not."""
+    torch.manual_seed(0)
+    model = train.build_model("r3d_18", 1, 2).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    a, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1)
+    b, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1)
+    assert explain.correlation(a, b)["pearson"] == pytest.approx(1.0)
+    ck = {"arch": "r3d_18", "channels": ["image"], "n_classes": 2}
+    c, _ = explain.compute_cam(explain.random_model_like(ck, 7), x, "gradcam", "layer3", 1)
+    assert explain.correlation(a, c)["pearson"] < 0.9
+
+
+def test_summary_counts_only_true_positives_with_lesions():
+    def info(group, hit, mass):
+        return {
+            "case_id": f"case-{group}",
+            "split": "test",
+            "group": group,
+            "probability": 0.9,
+            "pointing_hit": hit,
+            "mass_in_lesion": mass,
+            "lesion_fraction_of_roi": 0.05,
+            "randomised_model": {"pearson": 0.1},
+        }
+
+    s = explain.summarise(
+        [
+            info("TP", True, 0.6),
+            info("TP", False, 0.1),
+            info("FP", None, None),
+            info("TN", None, None),
+        ]
+    )
+    assert s["pointing_game"]["n"] == 2 and s["pointing_game"]["hit_rate"] == 0.5
+    assert s["cam_mass_in_lesion"]["mean"] == pytest.approx(0.35)
+    assert s["pointing_game"]["meets_target"] is False
+    assert len(s["per_case"]) == 4
+
+
+def test_read_prediction_takes_threshold_from_metrics(tmp_path):
+    pd.DataFrame(
+        {
+            "case_id": ["case-a", "case-b"],
+            "subject_id": ["s1", "s2"],
+            "split": ["test", "val"],
+            "label": [1, 0],
+            "probability": [0.7, 0.2],
+            "prediction": [1, 0],
+        }
+    ).to_csv(tmp_path / "p.csv", index=False)
+    (tmp_path / "m.json").write_text(json.dumps({"threshold": 0.42}))
+    p = explain.read_prediction(tmp_path / "p.csv", tmp_path / "m.json", "case-b")
+    assert p == {"probability": 0.2, "prediction": 0, "label": 0, "split": "val", "threshold": 0.42}
+    with pytest.raises(KeyError):
+        explain.read_prediction(tmp_path / "p.csv", None, "case-z")
