@@ -36,6 +36,9 @@ def _workdir(tmp: Path, cohort: Path, **convert) -> Path:
     cfg["mask"]["size"] = [32, 32, 32]
     cfg["train"].update({"epochs": 2, "device": "cpu", "threads": 2})
     cfg["evaluate"]["bootstrap"] = 100
+    cfg["explain"]["lesion_reference"] = str(
+        cohort / "ground_truth" / "{StudyInstanceUID}" / "lesion.nii.gz"
+    )
     (tmp / "config").mkdir(parents=True)
     (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     return tmp
@@ -120,6 +123,107 @@ def test_rerun_has_nothing_to_do(run):
     assert proc.returncode == 0
     again = snakemake(work, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def _planned(work: Path, *args: str) -> dict[str, int]:
+    """Jobs per rule that ``snakemake -n`` plans (with extra arguments)."""
+    proc = snakemake(work, "-n", "--quiet", "rules", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m:
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+def _with_config(work: Path, edit) -> Path:
+    cfg = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    edit(cfg)
+    path = work / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_forcerun_train_reruns_train_onward_only(run):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    jobs = _planned(work, "--forcerun", "train")
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1
+    assert jobs.get("explain", 0) >= 1 and jobs.get("explain_report") == 1
+    for upstream in ("ingest", "convert", "segment", "mask", "manifest"):
+        assert upstream not in jobs, jobs
+
+
+def test_mask_parameter_change_reruns_mask_onward_only(run):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    changed = _with_config(work, lambda c: c["mask"].update(dilation_mm=7.0))
+    jobs = _planned(work, "--configfile", str(changed))
+    n_cases = len(list((work / "results/masked").glob("case-*_roi.nii.gz")))
+    assert jobs.get("mask") == n_cases and jobs.get("manifest") == 1 and jobs.get("train") == 1
+    for upstream in ("ingest", "convert", "segment"):
+        assert upstream not in jobs, jobs
+
+
+def test_new_label_sheet_reruns_manifest_onward_only(run, demo_cohort):
+    work, proc, _ = run
+    assert proc.returncode == 0
+    sheet = pd.read_csv(demo_cohort / "labels.csv", dtype=str)
+    sheet.loc[0, "label"] = "1" if sheet.loc[0, "label"] == "0" else "0"
+    new = work / "labels_v2.csv"
+    sheet.to_csv(new, index=False)
+    changed = _with_config(work, lambda c: c["labels"].update(path=str(new)))
+    jobs = _planned(work, "--configfile", str(changed))
+    assert jobs.get("manifest") == 1 and jobs.get("train") == 1 and jobs.get("evaluate") == 1
+    for upstream in ("ingest", "convert", "segment", "mask"):
+        assert upstream not in jobs, jobs
+    # and explain settings do not touch the manifest or the model
+    jobs = _planned(work, "--configfile", str(_with_config(work, _gradcam_pp)))
+    assert jobs.get("explain", 0) >= 1
+    assert not {"manifest", "train", "evaluate"} & set(jobs), jobs
+
+
+def _gradcam_pp(cfg: dict) -> None:
+    cfg["explain"]["method"] = "gradcam++"
+
+
+def test_explanations_and_review_page(run):
+    work, proc, _ = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    cases = pd.read_parquet(work / "manifests/cases.parquet")
+    shown = sorted(cases.loc[cases["split"].isin(["val", "test"]), "case_id"])
+    assert shown
+    for cid in shown:
+        masked_img = nib.load(work / f"results/masked/{cid}.nii.gz")
+        cam = nib.load(work / f"results/explain/{cid}_cam.nii.gz")
+        assert cam.shape == masked_img.shape and (cam.affine == masked_img.affine).all()
+        ct = nib.load(work / f"results/nifti/{cid}.nii.gz")
+        on_ct = nib.load(work / f"results/explain/{cid}_cam_ct.nii.gz")
+        assert on_ct.shape == ct.shape and (on_ct.affine == ct.affine).all()
+        info = json.loads((work / f"results/explain/{cid}.json").read_text())
+        assert info["group"] in {"TP", "FP", "FN", "TN"}
+    faith = json.loads((work / "results/explain/faithfulness.json").read_text())
+    assert faith["n_cases"] == len(shown)
+    page = (work / "results/explain/index.html").read_text()
+    assert all(cid in page for cid in shown) and "https://" not in page
+
+
+def test_report_has_captions_and_gradcam_gallery(run):
+    import zipfile
+
+    work, proc, _ = run
+    assert proc.returncode == 0
+    rep = snakemake(work, "--report", "report.zip")
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    with zipfile.ZipFile(work / "report.zip") as z:
+        names = z.namelist()
+        blob = "\n".join(names)
+    assert re.search(r"explain/case-[0-9a-f]{12}\.png", blob), names[:20]
+    assert "index.html" in blob and "faithfulness.png" in blob
+    assert re.search(r"qc/case-[0-9a-f]{12}\.png", blob) and "roc.png" in blob
 
 
 def test_raw_tree_unchanged(run, demo_cohort):

@@ -442,8 +442,9 @@ def flags(row: pd.Series) -> str:
         f.append("missing_slices")
     if "1.2.840.10008.1.2.5" in str(row.get("transfer_syntax", "")):
         f.append("rle")
-    if row.get("selected") and not row.get("has_label", True):
-        f.append("no_label")
+    has = row.get("has_label")
+    if row.get("selected") and has is not None and not pd.isna(has) and not has:
+        f.append("no_label")  # only when a sheet was given (NA = no sheet: unknown)
     return ";".join(f)
 
 
@@ -469,8 +470,10 @@ def read_labels(spec: LabelSpec) -> pd.DataFrame | None:
 def join_labels(series: pd.DataFrame, labels: pd.DataFrame | None, spec: LabelSpec) -> pd.DataFrame:
     """Attach ``label`` (nullable int) and ``has_label`` by the configured key column."""
     out = series.copy()
-    if labels is None:
+    if labels is None:  # no sheet: labels unknown (the workflow joins them in the manifest)
         out["label"] = pd.array([pd.NA] * len(out), dtype="Int64")
+        out["has_label"] = pd.array([pd.NA] * len(out), dtype="boolean")
+        return out
     else:
         lookup = dict(
             zip(labels[spec.key].astype(str).str.strip(), labels[spec.column], strict=True)

@@ -341,14 +341,38 @@ def run(
     out_dir: str | os.PathLike,
     settings: SplitSettings,
     config: Mapping[str, Any] | str,
+    labels: Any = None,
+    id_map: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """Build and write the manifests from the inventory; returns the cases table."""
+    """Build and write the manifests from the inventory; returns the cases table.
+
+    ``labels`` (an ``ingest.LabelSpec``) with ``id_map`` (the private id map, which holds the
+    raw key column) joins the labels sheet here, so a new sheet reruns the manifest onward
+    and never the indexing of the raw tree. Without them the inventory's labels are used.
+    """
     inventory = pd.read_parquet(inventory_path)
+    if labels is not None and labels.path:
+        inventory = relabel(inventory, labels, id_map)
+    if inventory["has_label"].isna().any():
+        inventory["has_label"] = inventory["has_label"].fillna(False)
     reg_path = Path(out_dir) / "split_registry.csv"
     registry = pd.read_csv(reg_path) if reg_path.exists() else None
     cases, excluded, registry = build(inventory, root, settings, config, registry)
     write(cases, excluded, registry, out_dir)
     return cases
+
+
+def relabel(inventory: pd.DataFrame, spec: Any, id_map: str | os.PathLike | None) -> pd.DataFrame:
+    """The inventory with ``label``/``has_label`` joined from the sheet through the id map."""
+    from radflow import ingest
+
+    if id_map is None:
+        raise ValueError("joining a labels sheet needs the private id map (--id-map)")
+    keys = pd.read_csv(id_map, dtype=str)[["series_id", spec.key]].drop_duplicates("series_id")
+    inv = inventory.drop(columns=["label", "has_label"], errors="ignore")
+    inv = inv.merge(keys, on="series_id", how="left")
+    inv = ingest.join_labels(inv, ingest.read_labels(spec), spec)
+    return inv.drop(columns=[spec.key])
 
 
 def summary(cases: pd.DataFrame) -> str:

@@ -175,10 +175,25 @@ MANIFESTS = [
 ] + [f"manifests/split_{s}.csv" for s in SPLITS]
 
 
+# Config sections that shape the cases a manifest describes (not train/evaluate/explain:
+# changing those must not rerun the manifest and everything after it).
+UPSTREAM = (
+    "raw_dir",
+    "labels",
+    "ids",
+    "ingest",
+    "convert",
+    "segment",
+    "mask",
+    "qc",
+    "manifest",
+)
+
+
 def config_hash():
     import hashlib
 
-    text = as_json(config)
+    text = as_json({k: config.get(k) for k in UPSTREAM})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -196,3 +211,54 @@ def case_outputs(wildcards):
         ],
         case=cases(),
     )
+
+
+# ---------------------------------------------------------------- explain helpers
+
+
+@lru_cache(maxsize=4)
+def _manifest_cases(path, mtime, splits):
+    df = pd.read_parquet(path, columns=["case_id", "split"])
+    return sorted(df.loc[df["split"].isin(splits), "case_id"])
+
+
+def explain_cases():
+    """Cases of the configured splits, once the manifest checkpoint has run."""
+    path = checkpoints.manifest.get().output.cases_parquet
+    splits = tuple(config["explain"]["splits"])
+    return _manifest_cases(path, os.path.getmtime(path), splits)
+
+
+def explained(wildcards):
+    return expand("results/explain/{case}.json", case=explain_cases()) + EXPLAIN_REPORT
+
+
+EXPLAIN_REPORT = [
+    "results/explain/index.html",
+    "results/explain/faithfulness.json",
+]
+
+
+def lesion_mask(wildcards):
+    path = case_template(config["explain"].get("lesion_reference"), wildcards.case)
+    return [path] if path and os.path.exists(path) else []
+
+
+def _explain_info(output):
+    with open(output.info) as fh:
+        return json.load(fh)
+
+
+def explain_group(wildcards, output):
+    """Report subcategory of a CAM picture: the case's outcome (TP, FP, FN, TN)."""
+    return _explain_info(output)["group"]
+
+
+def explain_labels(wildcards, output):
+    info = _explain_info(output)
+    return {
+        "case": wildcards.case,
+        "split": info["split"],
+        "probability": f"{info['probability']:.3f}",
+        "label": str(info["label"]),
+    }

@@ -1,7 +1,6 @@
 checkpoint ingest:
     input:
         raw=config["raw_dir"],
-        labels=label_inputs(),
     output:
         csv="results/inventory/series.csv",
         parquet="results/inventory/series.parquet",
@@ -19,9 +18,8 @@ checkpoint ingest:
         mem_mb=2000,
     params:
         selection=as_json(selection_rules()),
-        labels=label_args(),
         salt=config["ids"]["salt"],
     shell:
         "radflow ingest {input.raw:q} results/inventory --private-dir results/private "
-        "{params.labels} --selection {params.selection:q} --salt {params.salt:q} "
+        "--selection {params.selection:q} --salt {params.salt:q} "
         "--threads {threads} > {log} 2>&1"

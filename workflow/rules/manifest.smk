@@ -1,6 +1,11 @@
-rule manifest:
+# A checkpoint: the explain stage reads which cases are in which split.
+checkpoint manifest:
     input:
         inventory="results/inventory/series.parquet",
+        # labels are joined here (through the private id map's raw keys), not at ingest:
+        # a new sheet reruns the manifest onward, never the indexing of the raw tree
+        id_map="results/private/id_map.csv",
+        labels=label_inputs(),
         cases=case_outputs,
     output:
         cases_csv="manifests/cases.csv",
@@ -20,6 +25,8 @@ rule manifest:
     params:
         settings=as_json(config["manifest"]),
         config_hash=config_hash(),
+        labels=label_args(),
     shell:
         "radflow manifest {input.inventory:q} manifests --root . "
-        "--settings {params.settings:q} --config-hash {params.config_hash} > {log} 2>&1"
+        "--settings {params.settings:q} --config-hash {params.config_hash} "
+        "{params.labels} --id-map {input.id_map:q} > {log} 2>&1"
