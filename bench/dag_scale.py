@@ -1,0 +1,175 @@
+"""How the workflow's DAG scales: time and peak memory of ``snakemake -n`` for N cases.
+
+A synthetic inventory of N selected series (no DICOM files: the ingest checkpoint's outputs are
+written directly, as ingest would after indexing a cohort) is laid out in a scratch folder and
+``snakemake -n`` builds the whole DAG for it: convert, segment and mask per case, then the
+aggregate rules. Printed per N: wall time, peak RSS of the snakemake process, and the job
+count, plainly and with the SLURM profile's grouping (per-case jobs bundled into group jobs),
+which is what a cluster submission would see.
+
+    python bench/dag_scale.py --cases 1000 10000
+
+Targets (issue 7): at 10,000 cases <= 60 s and <= 2 GB on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PER_CASE_RULES = ("convert", "segment", "mask")
+
+
+def make_workdir(root: Path, n: int) -> Path:
+    """A scratch project whose ingest checkpoint already lists ``n`` selected cases."""
+    work = root / f"cases{n}"
+    raw = work / "raw"
+    raw.mkdir(parents=True)
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg.update(raw_dir=str(raw))
+    cfg["labels"]["path"] = None
+    cfg["qc"]["reference"] = None
+    cfg["explain"]["lesion_reference"] = None
+    cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    time.sleep(0.01)  # outputs strictly newer than the raw folder
+    ids = [f"{i:012x}" for i in range(n)]
+    inv = pd.DataFrame(
+        {
+            "case_id": [f"case-{h}" for h in ids],
+            "series_id": [f"ser-{h}" for h in ids],
+            "selected": True,
+        }
+    )
+    (work / "results" / "inventory").mkdir(parents=True)
+    priv = work / "results" / "private"
+    (priv / "series").mkdir(parents=True)
+    inv.to_parquet(work / "results" / "inventory" / "series.parquet")
+    inv.to_csv(work / "results" / "inventory" / "series.csv", index=False)
+    (work / "results" / "inventory" / "rejected_files.csv").write_text("file_id,reason\n")
+    (priv / "rejected_files.csv").write_text("path,reason\n")
+    id_map = inv[["case_id", "series_id"]].assign(
+        subject_id=[f"sub-{h}" for h in ids],
+        study_id=[f"stu-{h}" for h in ids],
+        StudyInstanceUID=[f"1.2.3.{i}" for i in range(n)],
+        SeriesInstanceUID=[f"1.2.3.{i}.1" for i in range(n)],
+    )
+    id_map.to_csv(priv / "id_map.csv", index=False)
+    for h in ids:
+        (priv / "series" / f"case-{h}.txt").write_text(f"{raw}/{h}.dcm\n")
+    return work
+
+
+def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
+    """``snakemake -n`` in ``work``: seconds, peak RSS (MiB) and jobs per rule."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        "--cores",
+        "2",
+        "--quiet",
+        "rules",
+        *extra,
+    ]
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    out_chunks = []
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out_chunks.append(proc.stdout.read())
+    seconds = time.perf_counter() - t0
+    text = "".join(out_chunks)
+    if proc.returncode != 0:
+        raise RuntimeError(f"snakemake -n failed:\n{text[-3000:]}")
+    jobs = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if m and m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+        elif m:
+            jobs["total"] = int(m.group(2))
+    return {"seconds": seconds, "peak_mib": peak / 2**20, "jobs": jobs}
+
+
+def grouped_jobs(jobs: dict[str, int], n: int, per_group: int) -> int:
+    """Submissions with the SLURM profile's grouping: each case's convert -> segment -> mask
+    chain is one group component, ``per_group`` components per cluster job."""
+    per_case = sum(jobs.get(r, 0) for r in PER_CASE_RULES)
+    rest = jobs.get("total", 0) - per_case - jobs.get("all", 0)
+    chains = max(jobs.get(r, 0) for r in PER_CASE_RULES)
+    return -(-chains // per_group) + rest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--per-group", type=int, default=None, help="default: the SLURM profile's")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    args = ap.parse_args()
+    per_group = args.per_group
+    if per_group is None:
+        prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+        comps = prof.get("group-components", ["case=50"])
+        per_group = int(str(comps[0]).split("=")[1])
+    root = Path(tempfile.mkdtemp(prefix="radflow-dag-"))
+    results = []
+    try:
+        for n in args.cases:
+            work = make_workdir(root, n)
+            r = dry_run(work, [])
+            r["cases"] = n
+            r["submissions_grouped"] = grouped_jobs(r["jobs"], n, per_group)
+            results.append(r)
+            print(
+                f"{n:>6} cases: snakemake -n {r['seconds']:6.1f} s, peak RSS "
+                f"{r['peak_mib']:7.0f} MiB, {r['jobs'].get('total', 0)} jobs "
+                f"({', '.join(f'{k} {v}' for k, v in r['jobs'].items() if k != 'total')}); "
+                f"cluster submissions with {per_group} cases per group job: "
+                f"{r['submissions_grouped']}",
+                flush=True,
+            )
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        if len(results) > 1:
+            a, b = results[0], results[-1]
+            scale = b["cases"] / a["cases"]
+            print(
+                f"time ratio {b['seconds'] / a['seconds']:.1f}x and memory ratio "
+                f"{b['peak_mib'] / a['peak_mib']:.1f}x for {scale:.0f}x the cases "
+                f"(targets at 10,000: <= 60 s, <= 2048 MiB)"
+            )
+        print(json.dumps(results))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
