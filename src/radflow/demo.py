@@ -373,8 +373,10 @@ class DemoSettings:
     seed: int = 42
     matrix: int = 96
     z_extent_mm: float = 220.0
-    lesion_radius_mm: float = 12.0
-    lesion_contrast_hu: float = -60.0
+    # a 32 mm hypodense lesion (~ -20 HU in a 60 HU liver): a few voxels across at the demo's
+    # 32^3 classifier input, enough for a network trained from scratch in a few minutes
+    lesion_radius_mm: float = 16.0
+    lesion_contrast_hu: float = -80.0
     thin_mm: tuple[float, ...] = (1.5, 2.0, 2.5)
     thick_mm: float = 5.0
     noise_hu: float = 10.0
