@@ -32,5 +32,5 @@ rule all:
         masked,
         MANIFESTS,
         "results/eval/metrics.json",
-        explained,
+        "results/explain",
         ["results/cv/summary.json"] if config["manifest"]["folds"] > 1 else [],

@@ -67,14 +67,15 @@ def test_explain_case_writes_cams_on_the_masked_and_ct_grids(tmp_path):
     save_nifti(lesion, m_aff, tmp_path / "lesion.nii.gz")
     pred = {"probability": 0.8, "prediction": 1, "label": 1, "split": "test", "threshold": 0.5}
     out = tmp_path / "explain"
+    settings = explain.ExplainSettings(method="gradcam++", device="cpu")
     info = explain.explain_case(
-        ck,
+        explain.load_models(ck, settings),
         tmp_path / "masked.nii.gz",
         tmp_path / "roi.nii.gz",
         tmp_path / "ct.nii.gz",
         out,
         "case-0123456789ab",
-        explain.ExplainSettings(method="gradcam++", device="cpu"),
+        settings,
         prediction=pred,
         lesion_path=tmp_path / "lesion.nii.gz",
     )

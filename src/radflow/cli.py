@@ -238,26 +238,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Grad-CAM of one case: CAM volumes (own grid and CT grid), picture and numbers."""
+    """Grad-CAM of the cases of some splits: volumes, pictures, numbers, review page."""
     from radflow import explain
 
     settings = explain.ExplainSettings.from_dict(args.settings)
-    pred = explain.read_prediction(args.predictions, args.metrics, args.case_id)
-    info = explain.explain_case(
+    s = explain.explain_cohort(
         args.checkpoint,
-        args.masked,
-        args.roi,
-        args.ct,
+        args.manifest,
         args.out_dir,
-        args.case_id,
+        args.predictions,
         settings,
-        prediction=pred,
-        lesion_path=args.lesion,
+        splits=args.splits,
+        metrics=args.metrics,
+        root=args.root,
+        lesion_template=args.lesion_template,
+        id_map=args.id_map,
         threads=_threads(args.threads),
     )
+    pg = s["pointing_game"]
+    rate = "n/a" if pg["hit_rate"] is None else f"{pg['hit_rate']:.2f}"
     print(
-        f"{args.case_id}: {info['group']} p={info['probability']:.3f}, CAM peak at "
-        f"{info['peak_mm']} mm, r(trained, random)={info['randomised_model']['pearson']:.3f}"
+        f"{s['n_cases']} cases explained; pointing game {pg['hits']}/{pg['n']} true positives "
+        f"(hit rate {rate}); r(trained, random CAM) mean "
+        f"{s['randomised_model_correlation']['pearson']['mean']}"
     )
     return 0
 
@@ -398,16 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=1)
     ev.set_defaults(func=cmd_evaluate)
 
-    x = sub.add_parser("explain", help="Grad-CAM of one case (volumes, picture, numbers)")
+    x = sub.add_parser("explain", help="Grad-CAM of the cases of some splits + review page")
     x.add_argument("checkpoint", help="results/train/best.pt")
-    x.add_argument("masked", help="the case's masked volume (model input)")
-    x.add_argument("roi", help="the case's ROI mask on the masked grid")
-    x.add_argument("ct", help="the converted CT (the CAM is also put back on its grid)")
-    x.add_argument("out_dir")
-    x.add_argument("--case-id", required=True)
+    x.add_argument("manifest", help="manifests/cases.parquet")
+    x.add_argument("out_dir", help="results/explain")
     x.add_argument("--predictions", required=True, help="results/eval/predictions.csv")
     x.add_argument("--metrics", default=None, help="results/eval/metrics.json (threshold)")
-    x.add_argument("--lesion", default=None, help="lesion mask for the faithfulness numbers")
+    x.add_argument("--splits", nargs="+", default=["val", "test"])
+    x.add_argument("--root", default=".", help="project folder the manifest paths are under")
+    x.add_argument("--lesion-template", default=None, help="lesion mask path template")
+    x.add_argument("--id-map", default=None, help="results/private/id_map.csv (template keys)")
     x.add_argument("--settings", type=_json_arg, default={}, help="explain settings as JSON")
     x.add_argument("--threads", type=int, default=1)
     x.set_defaults(func=cmd_explain)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,19 @@ def random_model_like(ck: dict[str, Any], seed: int) -> Any:
     return train.build_model(ck["arch"], len(ck["channels"]), ck["n_classes"], "none").eval()
 
 
+def load_models(
+    checkpoint: str | os.PathLike, settings: ExplainSettings
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(trained model, randomly re-initialised twin, checkpoint metadata) on the device."""
+    from radflow import train
+
+    dev = train.resolve_device(settings.device)
+    model, ck = train.load_checkpoint(checkpoint, str(dev))
+    return model.to(dev), random_model_like(ck, settings.random_seed).to(dev), ck
+
+
 def explain_case(
-    checkpoint: str | os.PathLike,
+    models: tuple[Any, Any, dict[str, Any]],
     masked_path: str | os.PathLike,
     roi_path: str | os.PathLike,
     ct_path: str | os.PathLike,
@@ -157,17 +169,14 @@ def explain_case(
     settings: ExplainSettings,
     prediction: dict[str, Any] | None = None,
     lesion_path: str | os.PathLike | None = None,
-    threads: int = 1,
 ) -> dict[str, Any]:
     """Explain one case: CAM volumes, picture and numbers (see the module docstring)."""
     import torch
 
     from radflow import train
 
-    torch.set_num_threads(threads)
-    dev = train.resolve_device(settings.device)
-    model, ck = train.load_checkpoint(checkpoint, str(dev))
-    model.to(dev)
+    model, rand_model, ck = models
+    dev = next(model.parameters()).device
     masked = nib.load(str(masked_path))
     roi_img = nib.load(str(roi_path))
     hu = np.asanyarray(masked.dataobj).astype(np.int16)
@@ -181,7 +190,6 @@ def explain_case(
         model, x, settings.method, settings.target_layer, settings.target_class
     )
     cam, raw = to_ras(norm_zyx), to_ras(raw_zyx)
-    rand_model = random_model_like(ck, settings.random_seed).to(dev)
     rand_cam = to_ras(
         compute_cam(rand_model, x, settings.method, settings.target_layer, settings.target_class)[0]
     )
@@ -236,6 +244,65 @@ def explain_case(
     cam_png(hu, cam, roi, masked.affine, ck["hu_window"], out / f"{case_id}.png", title)
     write_json(out / f"{case_id}.json", info)
     return info
+
+
+def explain_cohort(
+    checkpoint: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    predictions: str | os.PathLike,
+    settings: ExplainSettings,
+    splits: Sequence[str] = ("val", "test"),
+    metrics: str | os.PathLike | None = None,
+    root: str | os.PathLike = ".",
+    lesion_template: str | None = None,
+    id_map: str | os.PathLike | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Explain every case of ``splits`` (model loaded once), then write the cohort outputs.
+
+    ``lesion_template`` (placeholders as in ``qc.reference``) is filled per case from the
+    private ``id_map``; a missing lesion file leaves that case without faithfulness numbers.
+    """
+    import sys
+
+    import pandas as pd
+    import torch
+    from tqdm import tqdm
+
+    from radflow import manifest
+
+    torch.set_num_threads(threads)
+    root = Path(root)
+    cases = manifest.read(manifest_path)
+    cases = cases[cases["split"].isin(list(splits))].sort_values("case_id")
+    ids = None
+    if lesion_template:
+        if id_map is None:
+            raise ValueError("explain.lesion_reference needs the private id map (--id-map)")
+        ids = pd.read_csv(id_map, dtype=str).fillna("").set_index("case_id", drop=False)
+    models = load_models(checkpoint, settings)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jsons = []
+    for r in tqdm(list(cases.itertuples()), desc="explain", file=sys.stderr, mininterval=5):
+        lesion = None
+        if ids is not None and r.case_id in ids.index:
+            path = root / lesion_template.format(**ids.loc[r.case_id].to_dict())
+            lesion = path if path.exists() else None
+        explain_case(
+            models,
+            root / r.masked,
+            root / r.roi,
+            root / r.image,
+            out,
+            r.case_id,
+            settings,
+            prediction=read_prediction(predictions, metrics, r.case_id),
+            lesion_path=lesion,
+        )
+        jsons.append(out / f"{r.case_id}.json")
+    return report(jsons, out, root=root, metrics=metrics)
 
 
 def outcome(label: Any, prediction: Any) -> str:

@@ -216,48 +216,30 @@ def case_outputs(wildcards):
 # ---------------------------------------------------------------- explain helpers
 
 
-@lru_cache(maxsize=4)
-def _manifest_cases(path, mtime, splits):
-    df = pd.read_parquet(path, columns=["case_id", "split"])
-    return sorted(df.loc[df["split"].isin(splits), "case_id"])
+def lesion_template():
+    """explain.lesion_reference (a path template, relative to the working directory)."""
+    t = config["explain"].get("lesion_reference")
+    return [t] if t else []
 
 
-def explain_cases():
-    """Cases of the configured splits, once the manifest checkpoint has run."""
-    path = checkpoints.manifest.get().output.cases_parquet
-    splits = tuple(config["explain"]["splits"])
-    return _manifest_cases(path, os.path.getmtime(path), splits)
-
-
-def explained(wildcards):
-    return expand("results/explain/{case}.json", case=explain_cases()) + EXPLAIN_REPORT
-
-
-EXPLAIN_REPORT = [
-    "results/explain/index.html",
-    "results/explain/faithfulness.json",
-]
-
-
-def lesion_mask(wildcards):
-    path = case_template(config["explain"].get("lesion_reference"), wildcards.case)
-    return [path] if path and os.path.exists(path) else []
-
-
-def _explain_info(output):
-    with open(output.info) as fh:
+def _explain_info(name):
+    with open(f"results/explain/{name}.json") as fh:
         return json.load(fh)
 
 
-def explain_group(wildcards, output):
-    """Report subcategory of a CAM picture: the case's outcome (TP, FP, FN, TN)."""
-    return _explain_info(output)["group"]
+def explain_subcategory(wildcards):
+    """Report subcategory: the case's outcome (TP, FP, FN, TN), or the cohort pages."""
+    if not wildcards.name.startswith("case-"):
+        return "review and faithfulness"
+    return _explain_info(wildcards.name)["group"]
 
 
-def explain_labels(wildcards, output):
-    info = _explain_info(output)
+def explain_labels(wildcards):
+    if not wildcards.name.startswith("case-"):
+        return {"figure": wildcards.name}
+    info = _explain_info(wildcards.name)
     return {
-        "case": wildcards.case,
+        "case": wildcards.name,
         "split": info["split"],
         "probability": f"{info['probability']:.3f}",
         "label": str(info["label"]),

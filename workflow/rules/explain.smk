@@ -1,83 +1,46 @@
+# One job for the cohort: the model is loaded once and every case of explain.splits gets its
+# CAM volumes, picture and numbers in results/explain/, with the review page and the
+# faithfulness summary (a job per case would pay a torch start-up per case, and a checkpoint
+# on the manifest makes Snakemake's DAG update quadratic on large cohorts).
 rule explain:
     input:
         checkpoint="results/train/best.pt",
-        masked="results/masked/{case}.nii.gz",
-        roi="results/masked/{case}_roi.nii.gz",
-        ct="results/nifti/{case}.nii.gz",
+        manifest="manifests/cases.parquet",
         predictions="results/eval/predictions.csv",
         metrics="results/eval/metrics.json",
-        lesion=lesion_mask,
+        id_map="results/private/id_map.csv",
     output:
-        cam="results/explain/{case}_cam.nii.gz",
-        raw="results/explain/{case}_cam_raw.nii.gz",
-        cam_ct="results/explain/{case}_cam_ct.nii.gz",
-        info="results/explain/{case}.json",
-        png=report(
-            "results/explain/{case}.png",
+        report(
+            directory("results/explain"),
+            patterns=["{name}.{ext,(png|html)}"],
             caption="../report/explain.rst",
             category="Grad-CAM",
-            subcategory=explain_group,
+            subcategory=explain_subcategory,
             labels=explain_labels,
         ),
     log:
-        "logs/explain/{case}.log",
+        "logs/explain.log",
     benchmark:
-        "benchmarks/explain/{case}.tsv"
+        "benchmarks/explain.tsv"
     conda:
         "../../envs/explain.yaml"
     threads: config["explain"]["threads"]
     resources:
-        mem_mb=4000,
+        mem_mb=8000,
         gpu=0 if config["explain"]["device"] == "cpu" else 1,
     params:
         settings=as_json(
             without(config["explain"], "threads", "splits", "lesion_reference")
         ),
-        lesion=lambda wc, input: opt("--lesion", input.lesion),
+        splits=" ".join(config["explain"]["splits"]),
+        lesion=lambda wc: opt("--lesion-template", lesion_template()),
     shell:
-        "radflow explain {input.checkpoint:q} {input.masked:q} {input.roi:q} {input.ct:q} "
-        "results/explain --case-id {wildcards.case} --predictions {input.predictions:q} "
-        "--metrics {input.metrics:q} {params.lesion} --settings {params.settings:q} "
-        "--threads {threads} > {log} 2>&1"
-
-
-rule explain_report:
-    input:
-        infos=lambda wc: expand("results/explain/{case}.json", case=explain_cases()),
-        cams=lambda wc: expand(
-            "results/explain/{case}_cam.nii.gz", case=explain_cases()
-        ),
-        metrics="results/eval/metrics.json",
-    output:
-        html=report(
-            "results/explain/index.html",
-            caption="../report/viewer.rst",
-            category="Grad-CAM",
-            subcategory="review",
-            labels={"figure": "review viewer"},
-        ),
-        faithfulness="results/explain/faithfulness.json",
-        faithfulness_png=report(
-            "results/explain/faithfulness.png",
-            caption="../report/faithfulness.rst",
-            category="Grad-CAM",
-            subcategory="faithfulness",
-            labels={"figure": "faithfulness"},
-        ),
-    log:
-        "logs/explain_report.log",
-    benchmark:
-        "benchmarks/explain_report.tsv"
-    conda:
-        "../../envs/explain.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-    shell:
-        "radflow explain-report results/explain {input.infos:q} --root . "
-        "--metrics {input.metrics:q} > {log} 2>&1"
+        "radflow explain {input.checkpoint:q} {input.manifest:q} {output:q} "
+        "--predictions {input.predictions:q} --metrics {input.metrics:q} "
+        "--splits {params.splits} --id-map {input.id_map:q} {params.lesion} --root . "
+        "--settings {params.settings:q} --threads {threads} > {log} 2>&1"
 
 
 rule explain_all:
     input:
-        explained,
+        "results/explain",

@@ -1,5 +1,4 @@
-# A checkpoint: the explain stage reads which cases are in which split.
-checkpoint manifest:
+rule manifest:
     input:
         inventory="results/inventory/series.parquet",
         # labels are joined here (through the private id map's raw keys), not at ingest:
