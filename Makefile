@@ -9,7 +9,7 @@ DEMO_DIR := data/demo
 DEMO_STAMP := $(DEMO_DIR)/.complete
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo demo-data workflow test lint format dag clean
+.PHONY: install demo demo-data workflow test test-slurm lint format dag clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ format: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# The workflow through a real single-node SLURM (installs slurm-wlm and munge, starts daemons):
+# root on a throwaway Debian 12 machine only; see README "Testing cluster changes".
+test-slurm: $(STAMP)
+	bash ci/slurm-test.sh
 
 dag: $(STAMP)
 	$(BIN)/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
