@@ -2,7 +2,7 @@
 # Runs the real radflow workflow through a real, single-node SLURM cluster on this machine:
 # installs Debian's slurm-wlm and munge (apt) if missing, starts munged, slurmctld and slurmd
 # for localhost, runs snakemake --profile profiles/slurm on a small demo cohort from ingest to
-# evaluate, and checks the outputs and that every job went through SLURM.
+# evaluate and explain, and checks the outputs and that every job went through SLURM.
 #
 # Needs root on a throwaway Debian 12 machine (CI, a VM, a container): it writes
 # /etc/slurm/slurm.conf (refusing to replace one it did not write) and starts daemons.
@@ -163,8 +163,11 @@ cfg["ids"]["salt"] = salt
 cfg["convert"].update({"threads": 1, "spacing_mm": [4.0, 4.0, 4.0]})
 cfg["segment"]["weights_dir"] = f"{repo}/resources/totalseg_phantom"
 cfg["qc"]["reference"] = f"{cohort}/ground_truth/{{StudyInstanceUID}}/organs.nii.gz"
-# no GPU on this cluster: device cpu makes segment, train and evaluate declare gpu=0
+# no GPU on this cluster: device cpu makes segment, train, evaluate and explain declare gpu=0
 cfg["segment"]["device"] = "cpu"
+cfg["explain"].update(
+    device="cpu", lesion_reference=f"{cohort}/ground_truth/{{StudyInstanceUID}}/lesion.nii.gz"
+)
 cfg["train"].update({"epochs": 2, "device": "cpu", "threads": 2})
 cfg["evaluate"]["bootstrap"] = 100
 Path(run, "config", "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -207,7 +210,8 @@ log "checks"
 check "snakemake exited 0 (rc=$rc after ${wall}s)" test "$rc" = 0
 check "final outputs exist" files_exist results/inventory/series.parquet \
     manifests/cases.parquet manifests/datalist.json results/qc/segmentation.csv \
-    results/train/best.pt results/eval/metrics.json results/eval/predictions.csv
+    results/train/best.pt results/eval/metrics.json results/eval/predictions.csv \
+    results/explain/index.html results/explain/faithfulness.json
 
 python - "$RUN" "$STATE/jobcomp.log" "$PREFIX" "$PARTITION" >"$WORK/jobs.txt" <<'PY'
 # One line per Snakemake job submitted to SLURM (its SLURM log) joined with SLURM's own
@@ -235,7 +239,7 @@ ncases=$(ls "$RUN"/results/masked/case-*_roi.nii.gz 2>/dev/null | wc -l)
 rule_count() { awk -v r="$1" '$1 == r' "$WORK/jobs.txt" | wc -l; }
 every_rule_ran_in_slurm() {
     local rule n
-    for rule in ingest convert segment mask qc_table manifest train evaluate; do
+    for rule in ingest convert segment mask qc_table manifest train evaluate explain; do
         n=$(rule_count $rule)
         case $rule in convert|segment|mask) want=$ncases ;; *) want=1 ;; esac
         (( n == want )) || { echo "  $rule: $n SLURM jobs, expected $want"; return 1; }
