@@ -4,8 +4,8 @@ A synthetic inventory of N selected series (no DICOM files: the ingest checkpoin
 written directly, as ingest would after indexing a cohort) is laid out in a scratch folder and
 ``snakemake -n`` builds the whole DAG for it: convert, segment and mask per case, then the
 aggregate rules. Printed per N: wall time, peak RSS of the snakemake process, and the job
-count, plainly and with the SLURM profile's grouping (per-case jobs bundled into group jobs),
-which is what a cluster submission would see.
+count, and the number of sbatch calls on SLURM one job at a time and with the per-case rules
+submitted as job arrays (profiles/slurm/site.example.yaml).
 
     python bench/dag_scale.py --cases 1000 10000
 
@@ -117,26 +117,21 @@ def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
     return {"seconds": seconds, "peak_mib": peak / 2**20, "jobs": jobs}
 
 
-def grouped_jobs(jobs: dict[str, int], n: int, per_group: int) -> int:
-    """Submissions with the SLURM profile's grouping: each case's convert -> segment -> mask
-    chain is one group component, ``per_group`` components per cluster job."""
-    per_case = sum(jobs.get(r, 0) for r in PER_CASE_RULES)
-    rest = jobs.get("total", 0) - per_case - jobs.get("all", 0)
-    chains = max(jobs.get(r, 0) for r in PER_CASE_RULES)
-    return -(-chains // per_group) + rest
+def array_submissions(jobs: dict[str, int], limit: int) -> int:
+    """sbatch calls with the per-case rules submitted as SLURM job arrays of up to ``limit``
+    tasks (profiles/slurm/site.example.yaml: slurm-array-jobs), the other rules one each; the
+    ``all`` target runs on the submit host."""
+    per_case = sum(-(-jobs.get(r, 0) // limit) for r in PER_CASE_RULES)
+    rest = jobs.get("total", 0) - sum(jobs.get(r, 0) for r in PER_CASE_RULES) - jobs.get("all", 0)
+    return per_case + rest
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, nargs="+", default=[1000, 10000])
-    ap.add_argument("--per-group", type=int, default=None, help="default: the SLURM profile's")
+    ap.add_argument("--array-limit", type=int, default=1000, help="tasks per SLURM array")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
     args = ap.parse_args()
-    per_group = args.per_group
-    if per_group is None:
-        prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-        comps = prof.get("group-components", ["case=50"])
-        per_group = int(str(comps[0]).split("=")[1])
     root = Path(tempfile.mkdtemp(prefix="radflow-dag-"))
     results = []
     try:
@@ -144,14 +139,15 @@ def main() -> int:
             work = make_workdir(root, n)
             r = dry_run(work, [])
             r["cases"] = n
-            r["submissions_grouped"] = grouped_jobs(r["jobs"], n, per_group)
+            r["sbatch_plain"] = r["jobs"].get("total", 0) - r["jobs"].get("all", 0)
+            r["sbatch_arrays"] = array_submissions(r["jobs"], args.array_limit)
             results.append(r)
             print(
                 f"{n:>6} cases: snakemake -n {r['seconds']:6.1f} s, peak RSS "
                 f"{r['peak_mib']:7.0f} MiB, {r['jobs'].get('total', 0)} jobs "
                 f"({', '.join(f'{k} {v}' for k, v in r['jobs'].items() if k != 'total')}); "
-                f"cluster submissions with {per_group} cases per group job: "
-                f"{r['submissions_grouped']}",
+                f"sbatch calls on SLURM: {r['sbatch_plain']} one per job, "
+                f"{r['sbatch_arrays']} with per-case job arrays of {args.array_limit}",
                 flush=True,
             )
             if not args.keep:
