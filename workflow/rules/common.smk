@@ -84,7 +84,19 @@ def case_filelist(wildcards):
 
 
 def case_series_id(wildcards):
-    return inventory().loc[wildcards.case, "series_id"]
+    return _lookup("series_id")[wildcards.case]
+
+
+def _lookup(column):
+    """case_id -> value of an inventory column, as a dict (one per inventory version)."""
+    path = checkpoints.ingest.get().output.parquet
+    return _column(path, os.path.getmtime(path), column)
+
+
+@lru_cache(maxsize=8)
+def _column(path, mtime, column):
+    inv = _inventory(path, mtime)
+    return dict(zip(inv.index, inv[column]))
 
 
 def converted(wildcards):
@@ -126,16 +138,17 @@ def segment_gpus():
 
 @lru_cache(maxsize=4)
 def _id_map(path, mtime):
-    return pd.read_csv(path, dtype=str).fillna("").set_index("case_id", drop=False)
+    """case_id -> the ids a path template may use (a dict: one lookup per job, no pandas)."""
+    keys = ["case_id", "subject_id", "study_id", "series_id"]
+    keys += ["StudyInstanceUID", "SeriesInstanceUID"]
+    df = pd.read_csv(path, dtype=str, usecols=keys).fillna("")
+    return {r["case_id"]: r for r in df.to_dict("records") if r["case_id"]}
 
 
 def case_ids(case):
     """Pseudonyms and raw UIDs of a case (from the private id map) for path templates."""
     path = checkpoints.ingest.get().output.id_map
-    row = _id_map(path, os.path.getmtime(path)).loc[case]
-    keys = ["case_id", "subject_id", "study_id", "series_id"]
-    keys += ["StudyInstanceUID", "SeriesInstanceUID"]
-    return {k: row[k] for k in keys}
+    return _id_map(path, os.path.getmtime(path))[case]
 
 
 def case_template(template, case):
