@@ -5,7 +5,7 @@ written directly, as ingest would after indexing a cohort) is laid out in a scra
 ``snakemake -n`` builds the whole DAG for it: convert, segment and mask per case, then the
 aggregate rules. Printed per N: wall time, peak RSS of the snakemake process, and the job
 count, and the number of sbatch calls on SLURM one job at a time and with the per-case rules
-submitted as job arrays (profiles/slurm/site.example.yaml).
+submitted as job arrays (profiles/slurm; a lower bound, see ``array_submissions``).
 
     python bench/dag_scale.py --cases 1000 10000
 
@@ -119,8 +119,9 @@ def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
 
 def array_submissions(jobs: dict[str, int], limit: int) -> int:
     """sbatch calls with the per-case rules submitted as SLURM job arrays of up to ``limit``
-    tasks (profiles/slurm/site.example.yaml: slurm-array-jobs), the other rules one each; the
-    ``all`` target runs on the submit host."""
+    tasks (profiles/slurm: slurm-array-jobs), the other rules one each; the ``all`` target runs
+    on the submit host. A lower bound: the plugin submits the jobs ready at that moment, so a
+    rule whose inputs finish in waves takes one call per wave."""
     per_case = sum(-(-jobs.get(r, 0) // limit) for r in PER_CASE_RULES)
     rest = jobs.get("total", 0) - sum(jobs.get(r, 0) for r in PER_CASE_RULES) - jobs.get("all", 0)
     return per_case + rest
@@ -147,7 +148,7 @@ def main() -> int:
                 f"{r['peak_mib']:7.0f} MiB, {r['jobs'].get('total', 0)} jobs "
                 f"({', '.join(f'{k} {v}' for k, v in r['jobs'].items() if k != 'total')}); "
                 f"sbatch calls on SLURM: {r['sbatch_plain']} one per job, "
-                f"{r['sbatch_arrays']} with per-case job arrays of {args.array_limit}",
+                f"at least {r['sbatch_arrays']} with per-case job arrays of {args.array_limit}",
                 flush=True,
             )
             if not args.keep:

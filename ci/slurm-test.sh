@@ -217,6 +217,7 @@ python - "$RUN" "$STATE/jobcomp.log" "$PREFIX" "$PARTITION" >"$WORK/jobs.txt" <<
 # One line per Snakemake job submitted to SLURM (its SLURM log) joined with SLURM's own
 # completion record: rule, SLURM job id, state, partition, time limit, memory.
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -225,9 +226,18 @@ records = {}
 for line in Path(jobcomp).read_text().splitlines():
     rec = dict(re.findall(r"(\w+)=(\S*)", line))
     records[rec["JobId"]] = rec
+def job_id(stem):
+    """A job array task's log is named ARRAYID_TASK: scontrol knows its own job id."""
+    if "_" not in stem:
+        return stem
+    out = subprocess.run(["scontrol", "show", "job", stem], capture_output=True, text=True)
+    m = re.search(r"\bJobId=(\d+)", out.stdout)
+    return m.group(1) if m else stem
+
+
 for path in sorted(Path(run, ".snakemake", "slurm_logs").glob("rule_*/**/*.log")):
     rule = path.relative_to(Path(run, ".snakemake", "slurm_logs")).parts[0][len("rule_") :]
-    rec = records.get(path.stem, {})
+    rec = records.get(job_id(path.stem), {})
     mem = re.search(r"mem=(\d+)M", rec.get("Tres", ""))
     print(rule, path.stem, rec.get("JobState", "NO_RECORD"), rec.get("Partition", "-"),
           rec.get("TimeLimit", "-"), mem.group(1) if mem else "-",
@@ -246,6 +256,19 @@ every_rule_ran_in_slurm() {
     done
 }
 check "every rule ran as SLURM jobs ($njobs jobs, $ncases cases)" every_rule_ran_in_slurm
+per_case_rules_went_as_arrays() {  # profiles/slurm: slurm-array-jobs convert,segment,mask
+    # the plugin submits, per rule, the jobs ready at that moment as one array (a lone ready
+    # job goes alone): fewer sbatch calls than jobs, and convert, all ready after ingest, in one
+    local rule stems calls
+    for rule in convert segment mask; do
+        stems=$(awk -v r="$rule" '$1 == r { print $2 }' "$WORK/jobs.txt")
+        calls=$(cut -d_ -f1 <<<"$stems" | sort -u | wc -l)
+        echo "  $rule: $(wc -l <<<"$stems") jobs in $calls sbatch call(s)"
+        (( calls < $(wc -l <<<"$stems") )) || return 1
+        [[ $rule != convert ]] || (( calls == 1 )) || return 1
+    done
+}
+check "per-case jobs went to SLURM as job arrays" per_case_rules_went_as_arrays
 check "SLURM recorded every job COMPLETED under our job name, in $PARTITION" \
     awk -v p="$PARTITION" '$3 != "COMPLETED" || $4 != p || $7 != "prefixed" { print "  " $0; bad = 1 }
         END { exit bad }' "$WORK/jobs.txt"
