@@ -281,6 +281,7 @@ def explain_cohort(
         if id_map is None:
             raise ValueError("explain.lesion_reference needs the private id map (--id-map)")
         ids = pd.read_csv(id_map, dtype=str).fillna("").set_index("case_id", drop=False)
+    preds = read_predictions(predictions, metrics)
     models = load_models(checkpoint, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +299,7 @@ def explain_cohort(
             out,
             r.case_id,
             settings,
-            prediction=read_prediction(predictions, metrics, r.case_id),
+            prediction=preds[r.case_id],
             lesion_path=lesion,
         )
         jsons.append(out / f"{r.case_id}.json")
@@ -370,26 +371,38 @@ def cam_png(
     plt.close(fig)
 
 
-def read_prediction(
-    predictions: str | os.PathLike, metrics: str | os.PathLike | None, case_id: str
-) -> dict[str, Any]:
-    """The case's row of predictions.csv (+ the validation threshold from metrics.json)."""
+def read_predictions(
+    predictions: str | os.PathLike, metrics: str | os.PathLike | None
+) -> dict[str, dict[str, Any]]:
+    """case_id -> its row of predictions.csv (+ the validation threshold from metrics.json)."""
     import pandas as pd
 
     df = pd.read_csv(predictions, dtype={"case_id": str})
-    rows = df[df["case_id"] == case_id]
-    if rows.empty:
-        raise KeyError(f"{case_id} is not in {predictions}")
-    r = rows.iloc[0]
-    out = {
-        "probability": float(r["probability"]),
-        "prediction": int(r["prediction"]),
-        "label": None if pd.isna(r["label"]) else int(r["label"]),
-        "split": str(r["split"]),
-    }
+    threshold = None
     if metrics is not None:
-        out["threshold"] = float(json.loads(Path(metrics).read_text())["threshold"])
+        threshold = float(json.loads(Path(metrics).read_text())["threshold"])
+    out = {}
+    for r in df.itertuples():
+        row = {
+            "probability": float(r.probability),
+            "prediction": int(r.prediction),
+            "label": None if pd.isna(r.label) else int(r.label),
+            "split": str(r.split),
+        }
+        if threshold is not None:
+            row["threshold"] = threshold
+        out[r.case_id] = row
     return out
+
+
+def read_prediction(
+    predictions: str | os.PathLike, metrics: str | os.PathLike | None, case_id: str
+) -> dict[str, Any]:
+    """One case's row of predictions.csv (+ the validation threshold)."""
+    rows = read_predictions(predictions, metrics)
+    if case_id not in rows:
+        raise KeyError(f"{case_id} is not in {predictions}")
+    return rows[case_id]
 
 
 # --------------------------------------------------------------------------- cohort summary
