@@ -52,6 +52,28 @@ def test_grad_cam_plus_plus_runs_on_5d_input():
         assert raw.min() >= 0
 
 
+def test_log_odds_target_is_what_moves_the_softmax_probability():
+    z = torch.tensor([[0.3, 1.5], [2.0, -1.0]])
+    torch.testing.assert_close(explain.LogOdds(1)(z), z[:, 1] - z[:, 0])
+    z3 = torch.tensor([0.2, -0.4, 1.1])
+    p = z3.softmax(0)[2]
+    torch.testing.assert_close(explain.LogOdds(2)(z3), torch.log(p / (1 - p)))
+    # Grad-CAM weights are mean gradients, so a target whose gradient is the probability's
+    # times a positive factor gives the same normalised CAM as the probability itself
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    torch.manual_seed(0)
+    model = train.build_model("r3d_18", 1, 2).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    ours, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1, "log_odds")
+    with GradCAM(model=model, target_layers=[model.layer3]) as cam:
+        prob = cam(input_tensor=x, targets=[ClassifierOutputSoftmaxTarget(1)])[0]
+    np.testing.assert_allclose(ours, prob, atol=1e-4)
+    logit, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1, "logit")
+    assert np.abs(logit - ours).max() > 1e-3
+
+
 def test_unknown_target_layer_is_a_clear_error():
     model = train.build_model("r3d_18", 1, 2)
     with pytest.raises(ValueError, match="layer9"):

@@ -4,6 +4,7 @@ match scikit-learn and the threshold comes from validation only."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -79,9 +80,23 @@ def test_training_runs_a_few_steps_on_cpu(tmp_path, arch):
     out = train.train(m, tmp_path / "run", s, root=tmp_path, threads=2)
     assert out["epochs_run"] == 1
     hist = pd.read_csv(tmp_path / "run" / "history.csv")
-    assert list(hist.columns) == ["epoch", "loss", "val_auc", "lr", "seconds"]
+    assert list(hist.columns) == ["epoch", "loss", "val_loss", "val_auc", "lr", "seconds"]
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert ck["arch"] == arch and ck["channels"] == ["image", "roi"]
+
+
+def test_model_selection_breaks_auc_ties_on_validation_loss():
+    from sklearn.metrics import log_loss
+
+    y, p = np.array([0, 1, 1, 0, 1]), np.array([0.2, 0.7, 0.9, 0.4, 0.6])
+    assert train.log_loss(y, p) == pytest.approx(log_loss(y, p))
+    best = (1.0, 0.5)  # AUC 1.0 reached with a loss of 0.5
+    assert train.is_better(1.0, 0.3, *best)  # same AUC, more confident
+    assert not train.is_better(1.0, 0.6, *best)
+    assert not train.is_better(0.9, 0.01, *best)  # a lower AUC never wins on loss
+    assert train.is_better(0.95, 0.9, 0.9, 0.1)
+    assert train.is_better(float("nan"), 0.4, -1.0, math.inf)  # one-class validation: loss
+    assert train.is_better(float("nan"), float("nan"), -1.0, 0.2)  # no validation: latest
 
 
 def test_stem_adaptation_keeps_the_summed_rgb_kernels():

@@ -163,8 +163,11 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     """Loss and validation AUC per epoch."""
     plt = _figure()
     fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
-    ax[0].plot(history["epoch"], history["loss"])
-    ax[0].set_title("training loss")
+    ax[0].plot(history["epoch"], history["loss"], label="training")
+    if "val_loss" in history:
+        ax[0].plot(history["epoch"], history["val_loss"], label="validation")
+        ax[0].legend()
+    ax[0].set_title("loss (cross-entropy)")
     ax[1].plot(history["epoch"], history["val_auc"])
     ax[1].set_title("validation AUC")
     ax[1].set_ylim(0, 1.02)

@@ -34,6 +34,7 @@ from radflow.io import save_nifti, write_json
 from radflow.settings import section
 
 METHODS = ("gradcam", "gradcam++")
+SCORES = ("log_odds", "logit")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ExplainSettings:
     method: str = "gradcam"  # gradcam | gradcam++
     target_layer: str = "layer4"  # dotted module path; default: the last residual block
     target_class: int = 1  # the positive class
+    # what the CAM explains: the target class's log-odds (its logit minus the log-sum-exp of
+    # the others: what moves the softmax probability), or its bare logit (grad-cam's default,
+    # which also credits evidence that raises every class's logit alike)
+    score: str = "log_odds"
     device: str = "auto"
     random_seed: int = 0  # seed of the re-initialised model of the randomisation check
 
@@ -52,6 +57,8 @@ class ExplainSettings:
         d = section(cls, d, "explain", ())
         if d.get("method", "gradcam") not in METHODS:
             raise ValueError(f"explain.method must be one of {METHODS}")
+        if d.get("score", "log_odds") not in SCORES:
+            raise ValueError(f"explain.score must be one of {SCORES}")
         return cls(**d)
 
 
@@ -65,8 +72,25 @@ def target_module(model: Any, path: str) -> Any:
     return mod
 
 
+class LogOdds:
+    """grad-cam target: log-odds of one class, ``z_c - logsumexp(z_j, j != c)``.
+
+    For two classes this is the logit margin ``z_1 - z_0``, whose gradient is that of the
+    softmax probability up to a positive factor: the CAM shows what moves the prediction.
+    """
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+    def __call__(self, output: Any) -> Any:
+        import torch
+
+        others = torch.cat([output[..., : self.category], output[..., self.category + 1 :]], -1)
+        return output[..., self.category] - torch.logsumexp(others, -1)
+
+
 def compute_cam(
-    model: Any, x: Any, method: str, layer: str, target_class: int
+    model: Any, x: Any, method: str, layer: str, target_class: int, score: str = "log_odds"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(normalised, raw) CAM of one input ``x`` (1, C, Z, Y, X), both (Z, Y, X) float32.
 
@@ -79,7 +103,9 @@ def compute_cam(
     from scipy import ndimage
 
     cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
-    targets = [ClassifierOutputTarget(target_class)]
+    targets = [
+        LogOdds(target_class) if score == "log_odds" else ClassifierOutputTarget(target_class)
+    ]
     mod = target_module(model, layer)
     with cls(model=model, target_layers=[mod]) as cam:
         with torch.autocast(x.device.type, enabled=False):
@@ -186,13 +212,10 @@ def explain_case(
     x = train.model_input(torch.from_numpy(vol).to(dev), ck["channels"], ck["hu_window"])
     with torch.no_grad():
         prob = float(model(x).float().softmax(1)[0, settings.target_class])
-    norm_zyx, raw_zyx = compute_cam(
-        model, x, settings.method, settings.target_layer, settings.target_class
-    )
+    how = (settings.method, settings.target_layer, settings.target_class, settings.score)
+    norm_zyx, raw_zyx = compute_cam(model, x, *how)
     cam, raw = to_ras(norm_zyx), to_ras(raw_zyx)
-    rand_cam = to_ras(
-        compute_cam(rand_model, x, settings.method, settings.target_layer, settings.target_class)[0]
-    )
+    rand_cam = to_ras(compute_cam(rand_model, x, *how)[0])
     ct = nib.load(str(ct_path))
     cam_ct = uncrop(cam, masked.affine, ct)
 
@@ -233,7 +256,11 @@ def explain_case(
         lesion = to_grid(les, les_img.affine, masked.affine, cam.shape) > 0
         info["lesion_voxels"] = int(lesion.sum())
         info["pointing_hit"] = pointing_game(cam, lesion, 1) if lesion.any() else None
-        info["mass_in_lesion"] = mass_inside(raw, lesion) if lesion.any() else None
+        # both within the ROI: the CAM's share of the organ that falls on the lesion, against
+        # the lesion's share of the organ (what a CAM spread evenly over the organ would get)
+        info["mass_in_lesion"] = (
+            mass_inside(np.where(roi, raw, 0), lesion & roi) if (lesion & roi).any() else None
+        )
         info["lesion_fraction_of_roi"] = (
             float((lesion & roi).sum() / roi.sum()) if roi.any() and lesion.any() else None
         )

@@ -52,7 +52,7 @@ class TrainSettings:
     hu_window: tuple[float, float] = (-160.0, 240.0)
     epochs: int = 30
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-4  # the schema's default
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | onecycle
     balance: str = "loss"  # loss | sampler | none
@@ -323,6 +323,28 @@ def predict(model: nn.Module, cache: Cache, batch_size: int, amp: bool) -> np.nd
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+def log_loss(labels: np.ndarray, prob: np.ndarray) -> float:
+    """Mean binary cross-entropy of positive-class probabilities (NaN for no cases)."""
+    if len(labels) == 0:
+        return float("nan")
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(labels) > 0
+    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
+
+
+def is_better(val_auc: float, val_loss: float, best_auc: float, best_loss: float) -> bool:
+    """Model selection: a higher validation AUC, or an equal AUC with a lower validation loss.
+
+    A small validation split saturates at AUC 1.0 early, while the model still barely separates
+    the classes; the loss then tells the confident model from the unsure one. With no
+    validation cases at all (NaN loss) the latest model is the best there is.
+    """
+    if math.isnan(val_loss):
+        return True
+    auc_ = -1.0 if math.isnan(val_auc) else val_auc
+    return (auc_, -val_loss) > (best_auc, -best_loss)
+
+
 def split_frames(cases: pd.DataFrame, fold: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, validation) rows: the val split, or one cross-validation fold."""
     if fold is None:
@@ -381,7 +403,7 @@ def train(
     class_w = (counts.sum() / (n_classes * counts)).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=class_w if settings.balance == "loss" else None)
     gen = torch.Generator().manual_seed(settings.seed)
-    start, history, best_auc, bad_epochs = 0, [], -1.0, 0
+    start, history, best_auc, best_loss, bad_epochs = 0, [], -1.0, math.inf, 0
     last = out / "last.pt"
     fingerprint = run_fingerprint(manifest_path, settings)
     if last.exists():  # resume after a kill -- only the same run, never a stale one
@@ -398,6 +420,7 @@ def train(
         gen.set_state(ck["generator"])
         _set_rng_state(ck["rng"])
         start, best_auc, bad_epochs = ck["epoch"] + 1, ck["best_auc"], ck["bad_epochs"]
+        best_loss = ck.get("best_loss", math.inf)
         history = json.loads(ck["history"])
         print(f"resumed from {last} at epoch {start}", file=sys.stderr)
     writer = None
@@ -438,10 +461,13 @@ def train(
             if max_steps is not None and steps >= max_steps:  # tests: die like a killed job
                 raise InterruptedRunError(f"stopped after {steps} steps (epoch {epoch})")
         recalibrate_batchnorm(model, tr, settings.batch_size, amp)
-        val_auc = auc(va.labels.numpy(), predict(model, va, settings.batch_size, amp))
+        val_prob = predict(model, va, settings.batch_size, amp)
+        val_auc = auc(va.labels.numpy(), val_prob)
+        val_loss = log_loss(va.labels.numpy(), val_prob)
         row = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
+            "val_loss": val_loss,
             "val_auc": val_auc,
             "lr": sched.get_last_lr()[0],
             "seconds": round(time.perf_counter() - t0, 2),
@@ -451,10 +477,10 @@ def train(
         if writer is not None:
             for k in ("loss", "val_auc", "lr"):
                 writer.add_scalar(k, row[k], epoch)
-        improved = not math.isnan(val_auc) and val_auc > best_auc
-        if improved or best_auc < 0:
-            best_auc, bad_epochs = (val_auc if not math.isnan(val_auc) else best_auc), 0
-            save_checkpoint(out / "best.pt", model, settings, n_classes, epoch, best_auc)
+        if is_better(val_auc, val_loss, best_auc, best_loss):
+            best_auc = -1.0 if math.isnan(val_auc) else val_auc
+            best_loss, bad_epochs = val_loss, 0
+            save_checkpoint(out / "best.pt", model, settings, n_classes, epoch, val_auc)
         else:
             bad_epochs += 1
         _atomic_save(
@@ -467,6 +493,7 @@ def train(
                 "rng": _rng_state(),
                 "epoch": epoch,
                 "best_auc": best_auc,
+                "best_loss": best_loss,
                 "bad_epochs": bad_epochs,
                 "fingerprint": fingerprint,
                 "history": json.dumps(history),
