@@ -29,7 +29,7 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PER_CASE_RULES = ("convert", "segment", "mask")
+ARRAY_RULES = ("convert", "segment", "segment_batch", "mask")  # profiles/slurm
 
 
 def make_workdir(root: Path, n: int) -> Path:
@@ -117,13 +117,21 @@ def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
     return {"seconds": seconds, "peak_mib": peak / 2**20, "jobs": jobs}
 
 
+def local_rules(jobs: dict[str, int]) -> set[str]:
+    """Rules that run on the submit host: ``all``, and ``segment`` when segmentation is batched
+    (segment.batches > 0: it only copies a label map out of its batch's folder)."""
+    return {"all"} | ({"segment"} if jobs.get("segment_batch") else set())
+
+
 def array_submissions(jobs: dict[str, int], limit: int) -> int:
     """sbatch calls with the per-case rules submitted as SLURM job arrays of up to ``limit``
-    tasks (profiles/slurm: slurm-array-jobs), the other rules one each; the ``all`` target runs
-    on the submit host. A lower bound: the plugin submits the jobs ready at that moment, so a
-    rule whose inputs finish in waves takes one call per wave."""
-    per_case = sum(-(-jobs.get(r, 0) // limit) for r in PER_CASE_RULES)
-    rest = jobs.get("total", 0) - sum(jobs.get(r, 0) for r in PER_CASE_RULES) - jobs.get("all", 0)
+    tasks (profiles/slurm: slurm-array-jobs), the other rules one each; local rules run on the
+    submit host. A lower bound: the plugin submits the jobs ready at that moment, so a rule
+    whose inputs finish in waves takes one call per wave."""
+    local = local_rules(jobs)
+    arrays = [r for r in ARRAY_RULES if r not in local]
+    per_case = sum(-(-jobs.get(r, 0) // limit) for r in arrays)
+    rest = jobs.get("total", 0) - sum(jobs.get(r, 0) for r in set(arrays) | local)
     return per_case + rest
 
 
@@ -140,7 +148,8 @@ def main() -> int:
             work = make_workdir(root, n)
             r = dry_run(work, [])
             r["cases"] = n
-            r["sbatch_plain"] = r["jobs"].get("total", 0) - r["jobs"].get("all", 0)
+            local = sum(r["jobs"].get(k, 0) for k in local_rules(r["jobs"]))
+            r["sbatch_plain"] = r["jobs"].get("total", 0) - local
             r["sbatch_arrays"] = array_submissions(r["jobs"], args.array_limit)
             results.append(r)
             print(

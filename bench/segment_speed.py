@@ -2,9 +2,12 @@
 radflow's in-process sequential route, on the shipped phantom model (or --weights-dir).
 
 Each run is a fresh `radflow segment` process, as a Snakemake job is. Prints median wall time of
-each path, the ratio, and whether both label maps are identical. Usage:
+each path, the ratio, and whether both label maps are identical. With ``--batch N`` it also
+segments N phantom images as N fresh processes (segment.batches: 0) and as one
+`radflow segment-batch` process (segment.batches > 0), and prints seconds per case of each and
+their ratio. Usage:
 
-    python bench/segment_speed.py [--repeats 3] [--threads 2] [--device cpu]
+    python bench/segment_speed.py [--repeats 3] [--threads 2] [--device cpu] [--batch 8]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weights-dir", default=str(REPO / "resources" / "totalseg_phantom"))
     ap.add_argument("--workdir", default="/tmp/radflow-bench-segment")
+    ap.add_argument("--batch", type=int, default=0, help="also compare N cases batched")
     args = ap.parse_args()
 
     work = Path(args.workdir)
@@ -83,6 +87,45 @@ def main() -> None:
     print(
         f"identical label maps: {np.array_equal(a, b)}; liver Dice vs phantom truth: "
         f"{phantom_model.dice_per_class(b, truth)['liver']:.3f}"
+    )
+
+    if args.batch:
+        batched(work, args, radflow)
+
+
+def batched(work: Path, args: argparse.Namespace, radflow: str) -> None:
+    """N cases: one process each vs one process for all (the same images, the same settings)."""
+    src = work / "nifti"
+    src.mkdir(exist_ok=True)
+    images = []
+    for i in range(args.batch):
+        hu, _ = phantom_model.render_case(np.random.default_rng(100 + i), lesion=bool(i % 2))
+        images.append(src / f"case-{i:012x}.nii.gz")
+        save_nifti(hu.astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0]), images[-1])
+    settings = json.dumps({"weights_dir": args.weights_dir, "device": args.device})
+    common = ["--threads", str(args.threads), "--settings", settings]
+    t = time.perf_counter()
+    for img in images:
+        out = work / "single" / img.name
+        out.parent.mkdir(exist_ok=True)
+        cmd = [radflow, "segment", str(img), str(out), *common]
+        subprocess.run(cmd, check=True, capture_output=True)
+    single = (time.perf_counter() - t) / len(images)
+    t = time.perf_counter()
+    cmd = [radflow, "segment-batch", *map(str, images), "--out-dir", str(work / "batch"), *common]
+    subprocess.run(cmd, check=True, capture_output=True)
+    batch = (time.perf_counter() - t) / len(images)
+    same = all(
+        np.array_equal(
+            np.asanyarray(nib.load(work / "single" / img.name).dataobj),
+            np.asanyarray(nib.load(work / "batch" / img.name).dataobj),
+        )
+        for img in images
+    )
+    print(
+        f"{len(images)} cases: one process per case {single:6.2f} s/case; one batch process "
+        f"{batch:6.2f} s/case; ratio batch / per-case {batch / single:.2f}; "
+        f"identical label maps: {same}"
     )
 
 

@@ -165,6 +165,8 @@ cfg["segment"]["weights_dir"] = f"{repo}/resources/totalseg_phantom"
 cfg["qc"]["reference"] = f"{cohort}/ground_truth/{{StudyInstanceUID}}/organs.nii.gz"
 # no GPU on this cluster: device cpu makes segment, train, evaluate and explain declare gpu=0
 cfg["segment"]["device"] = "cpu"
+# one segment job per case, sent as job arrays (the checks below count them)
+cfg["segment"]["batches"] = 0
 cfg["explain"].update(
     device="cpu", lesion_reference=f"{cohort}/ground_truth/{{StudyInstanceUID}}/lesion.nii.gz"
 )

@@ -49,7 +49,11 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     import json
 
     (r,) = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["jobs"]["convert"] == r["jobs"]["segment"] == r["jobs"]["mask"] == 7
-    # arrays of 4: 2 sbatch calls per per-case rule, plus one per aggregate rule
-    singles = r["jobs"]["total"] - 21 - r["jobs"]["all"]
-    assert r["sbatch_arrays"] == 6 + singles and r["sbatch_plain"] == 21 + singles
+    jobs = r["jobs"]
+    assert jobs["convert"] == jobs["segment"] == jobs["mask"] == 7
+    assert jobs["segment_batch"] == 6  # config.yaml's segment.batches
+    singles = jobs["total"] - 21 - jobs["segment_batch"] - jobs["all"]
+    # arrays of 4: 2 sbatch calls each for convert, the 6 segmentation batches and mask, plus
+    # one per aggregate rule; the per-case segment jobs (copies out of a batch) run locally
+    assert r["sbatch_arrays"] == 2 + 2 + 2 + singles
+    assert r["sbatch_plain"] == 7 + 6 + 7 + singles

@@ -122,6 +122,35 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment_batch(args: argparse.Namespace) -> int:
+    """Segment many images in one process (segment.batches)."""
+    from radflow import segment
+
+    settings = segment.SegmentSettings.from_dict(args.settings)
+    try:
+        s = segment.run_batch(args.images, args.out_dir, settings, threads=_threads(args.threads))
+    except segment.WeightsMissingError as exc:
+        print(f"radflow segment-batch: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"segmented {len(s['segmented'])} of {s['cases']} images in {s['seconds']} s"
+        + (f"; failed: {', '.join(sorted(s['failed']))}" if s["failed"] else "")
+    )
+    return 0
+
+
+def cmd_segment_collect(args: argparse.Namespace) -> int:
+    """One case's label map out of its batch folder (or the batch's error for it)."""
+    from radflow import segment
+
+    try:
+        segment.collect(args.batch_dir, args.case, args.out, args.names)
+    except (RuntimeError, FileNotFoundError) as exc:
+        print(f"radflow segment-collect: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_mask(args: argparse.Namespace) -> int:
     """Mask, crop and resample one case; QC picture and segmentation table."""
     from radflow import mask
@@ -343,6 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precomputed", default=None, help="user mask (backend: precomputed)")
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_segment)
+
+    sb = sub.add_parser(
+        "segment-batch", help="segment many images in one process (TotalSegmentator loads once)"
+    )
+    sb.add_argument("images", nargs="+", help="converted images results/nifti/{case}.nii.gz")
+    sb.add_argument("--out-dir", required=True, help="folder for {case}.nii.gz and {case}.json")
+    sb.add_argument("--settings", type=_json_arg, default={}, help="segment settings as JSON")
+    sb.add_argument("--threads", type=int, default=1)
+    sb.set_defaults(func=cmd_segment_batch)
+
+    sc = sub.add_parser("segment-collect", help="one case's label map out of its batch folder")
+    sc.add_argument("batch_dir")
+    sc.add_argument("case")
+    sc.add_argument("out", help="label map .nii.gz")
+    sc.add_argument("--names", required=True, help="label-name JSON")
+    sc.set_defaults(func=cmd_segment_collect)
 
     m = sub.add_parser("mask", help="mask, crop and resample one case, with QC")
     m.add_argument("image")

@@ -430,7 +430,9 @@ def _plan_study(
     s: DemoSettings, rng: np.random.Generator, j: int, st: int, phantom: Phantom
 ) -> StudySpec:
     vendor = VENDORS[j % len(VENDORS)]
-    fov = float(rng.uniform(340, 420))
+    # 340-345 mm: the body (up to 340 mm wide) fits, and at TotalSegmentator's 3 mm the
+    # image stays <= 115 voxels across: 2x2x2 tiles of its 64^3 patch instead of 3x3x2
+    fov = float(rng.uniform(340, 345))
     m = s.matrix
     ps = round(fov / m, 4)
     thin = s.thin_mm[j % len(s.thin_mm)]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -292,6 +294,85 @@ def run(
     }
     write_json(names_path or Path(str(out_path).removesuffix(".nii.gz") + ".json"), info)
     return info
+
+
+def case_of(image_path: str | os.PathLike) -> str:
+    """Case id of a converted image path (``results/nifti/{case}.nii.gz``)."""
+    return Path(image_path).name.removesuffix(".nii.gz")
+
+
+def batch_of(case_id: str, batches: int) -> int:
+    """Stable batch of a case: its pseudonym's hash modulo the number of batches.
+
+    Cases keep their batch when the cohort grows or shrinks, so adding a case reruns one
+    batch, not all of them.
+    """
+    return int(case_id.removeprefix("case-"), 16) % batches
+
+
+def run_batch(
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    settings: SegmentSettings,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Segment many images in one process: torch, nnU-Net and the model load once.
+
+    Per case ``{case}.nii.gz`` and ``{case}.json`` in ``out_dir``; a case that fails leaves
+    ``{case}.error.txt`` with the reason instead, and the others go on (``segment-collect``
+    then fails that case alone). Missing weights fail the whole batch: no case could run.
+    Writes ``batch.json`` (cases, failures, seconds) last.
+    """
+    if settings.backend != "totalsegmentator":
+        raise ValueError("batched segmentation is for the totalsegmentator backend")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_weights(settings)
+    t0 = time.perf_counter()
+    done: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for image in images:
+        case = case_of(image)
+        try:
+            info = run(image, out / f"{case}.nii.gz", settings, out / f"{case}.json", None, threads)
+            done[case] = info["seconds"]
+            print(f"{case}: {len(info['present'])} labels in {info['seconds']} s", flush=True)
+        except WeightsMissingError:
+            raise
+        except Exception as exc:  # one bad image must not sink the batch
+            failed[case] = f"{type(exc).__name__}: {exc}"
+            (out / f"{case}.error.txt").write_text(failed[case] + "\n")
+            print(f"{case}: FAILED: {failed[case]}", file=sys.stderr, flush=True)
+    summary = {
+        "cases": len(done) + len(failed),
+        "segmented": done,
+        "failed": failed,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json(out / "batch.json", summary)
+    return summary
+
+
+def collect(
+    batch_dir: str | os.PathLike,
+    case: str,
+    out_path: str | os.PathLike,
+    names_path: str | os.PathLike,
+) -> None:
+    """Copy one case's label map and names out of its batch folder (atomically), or raise the
+    error the batch recorded for it."""
+    src = Path(batch_dir)
+    err = src / f"{case}.error.txt"
+    if err.exists():
+        raise RuntimeError(f"segmentation of {case} failed in {src}: {err.read_text().strip()}")
+    for name, dst in ((f"{case}.nii.gz", out_path), (f"{case}.json", names_path)):
+        if not (src / name).exists():
+            raise FileNotFoundError(f"{src / name} is missing: was {case} in this batch?")
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, dst)
 
 
 def known_rois(task: str) -> Sequence[str]:

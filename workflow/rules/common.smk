@@ -126,7 +126,7 @@ validate_rois()
 
 
 def segment_settings():
-    s = without(config["segment"], "threads", "precomputed")
+    s = without(config["segment"], "threads", "precomputed", "batches")
     s["weights_dir"] = resolve_resource(s["weights_dir"])
     return s
 
@@ -134,6 +134,27 @@ def segment_settings():
 def segment_gpus():
     seg = config["segment"]
     return 0 if seg["backend"] == "precomputed" or seg["device"] == "cpu" else 1
+
+
+def segment_batches():
+    """Number of segmentation batches (0 = one job per case); TotalSegmentator backend only."""
+    seg = config["segment"]
+    return int(seg.get("batches") or 0) if seg["backend"] == "totalsegmentator" else 0
+
+
+def case_batch(wildcards):
+    """The batch folder a case's label map comes from (segment.batches > 0)."""
+    from radflow.segment import batch_of
+
+    return f"results/seg/batches/{batch_of(wildcards.case, segment_batches())}"
+
+
+def batch_images(wildcards):
+    """Converted images of one segmentation batch (stable: by pseudonym hash)."""
+    from radflow.segment import batch_of
+
+    n, b = segment_batches(), int(wildcards.batch)
+    return [f"results/nifti/{c}.nii.gz" for c in cases() if batch_of(c, n) == b]
 
 
 @lru_cache(maxsize=4)
@@ -206,7 +227,11 @@ UPSTREAM = (
 def config_hash():
     import hashlib
 
-    text = as_json({k: config.get(k) for k in UPSTREAM})
+    # how the work is spread (threads, segmentation batches) does not change the cases
+    def what(v):
+        return without(v, "threads", "batches") if isinstance(v, dict) else v
+
+    text = as_json({k: what(config.get(k)) for k in UPSTREAM})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
