@@ -19,7 +19,7 @@ from .conftest import REPO, SALT
 
 BIN = Path(sys.executable).parent
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = {"segment", "train", "train_fold", "evaluate"}
+GPU_RULES = {"segment", "segment_batch", "train", "train_fold", "evaluate"}
 PLANNED_RULES = {"explain"}  # named in the profile ahead of its rule (Grad-CAM, DESIGN.md)
 
 
@@ -48,10 +48,11 @@ def _profile() -> dict:
 
 
 def _rule_blocks() -> dict[str, str]:
-    """Rule name -> its text in workflow/rules/*.smk (snakefmt keeps one rule per block)."""
+    """Rule name -> its text in workflow/rules/*.smk (snakefmt keeps one rule per block; a rule
+    defined in both branches of a config `if` keeps its last, per-case, definition)."""
     blocks = {}
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
-        parts = re.split(r"^(?:rule|checkpoint) (\w+):", smk.read_text(), flags=re.M)
+        parts = re.split(r"^\s*(?:rule|checkpoint) (\w+):", smk.read_text(), flags=re.M)
         blocks.update(zip(parts[1::2], parts[2::2], strict=True))
     return blocks
 
