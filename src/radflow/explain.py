@@ -326,7 +326,7 @@ def explain_cohort(
             out,
             r.case_id,
             settings,
-            prediction=preds[r.case_id],
+            prediction=prediction_of(preds, r.case_id, predictions),
             lesion_path=lesion,
         )
         jsons.append(out / f"{r.case_id}.json")
@@ -422,14 +422,20 @@ def read_predictions(
     return out
 
 
+def prediction_of(
+    rows: dict[str, dict[str, Any]], case_id: str, predictions: str | os.PathLike
+) -> dict[str, Any]:
+    """A case's row from ``read_predictions``; a clear error when predictions.csv lacks it."""
+    if case_id not in rows:
+        raise KeyError(f"{case_id} is not in {predictions}")
+    return rows[case_id]
+
+
 def read_prediction(
     predictions: str | os.PathLike, metrics: str | os.PathLike | None, case_id: str
 ) -> dict[str, Any]:
     """One case's row of predictions.csv (+ the validation threshold)."""
-    rows = read_predictions(predictions, metrics)
-    if case_id not in rows:
-        raise KeyError(f"{case_id} is not in {predictions}")
-    return rows[case_id]
+    return prediction_of(read_predictions(predictions, metrics), case_id, predictions)
 
 
 # --------------------------------------------------------------------------- cohort summary

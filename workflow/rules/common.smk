@@ -151,10 +151,20 @@ def case_batch(wildcards):
 
 def batch_images(wildcards):
     """Converted images of one segmentation batch (stable: by pseudonym hash)."""
+    path = checkpoints.ingest.get().output.parquet
+    groups = _batches(path, os.path.getmtime(path), segment_batches())
+    return [f"results/nifti/{c}.nii.gz" for c in groups.get(int(wildcards.batch), [])]
+
+
+@lru_cache(maxsize=4)
+def _batches(path, mtime, n):
+    """batch -> its cases, grouped once per inventory version (not once per batch job)."""
     from radflow.segment import batch_of
 
-    n, b = segment_batches(), int(wildcards.batch)
-    return [f"results/nifti/{c}.nii.gz" for c in cases() if batch_of(c, n) == b]
+    groups = {}
+    for c in sorted(_inventory(path, mtime).index):
+        groups.setdefault(batch_of(c, n), []).append(c)
+    return groups
 
 
 @lru_cache(maxsize=4)
