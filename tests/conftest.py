@@ -14,7 +14,9 @@ from radflow.demo import DemoSettings, make_cohort
 REPO = Path(__file__).resolve().parents[1]
 SALT = "test-salt-0123456789"
 # 10 subjects give 13 studies: every special series type of the demo appears at least once.
-SMALL = DemoSettings(n_subjects=10, n_unlabeled=1, seed=7, matrix=32, z_extent_mm=120.0)
+SMALL = DemoSettings(
+    n_subjects=10, n_unlabeled=1, seed=7, matrix=32, z_extent_mm=120.0, z_center_mm=-50.0
+)
 
 
 @pytest.fixture(scope="session")

@@ -57,3 +57,42 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     # one per aggregate rule; the per-case segment jobs (copies out of a batch) run locally
     assert r["sbatch_arrays"] == 2 + 2 + 2 + singles
     assert r["sbatch_plain"] == 7 + 6 + 7 + singles
+
+
+def test_largest_segmentation_batch_and_its_conversions_go_first(tmp_path):
+    """segment_batch jobs carry their batch size as priority, and so do the conversions feeding
+    them: the scheduler starts the longest batch first instead of letting it set the tail."""
+    import re
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from dag_scale import make_workdir
+    from radflow.segment import batch_of
+
+    work = make_workdir(tmp_path, 23)
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile")]
+        + ["--directory", str(work), "--configfile", str(work / "config.yaml"), "--cores", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    sizes: dict[int, int] = {}
+    for i in range(23):
+        b = batch_of(f"case-{i:012x}", 6)
+        sizes[b] = sizes.get(b, 0) + 1
+    assert len(set(sizes.values())) > 1  # uneven batches, or the test proves nothing
+    seen = {"convert": 0, "segment_batch": 0}
+    for block in re.split(r"\n(?=(?:local)?rule )", out.stdout):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if not rule or rule.group(1) not in seen:
+            continue
+        prio = re.search(r"priority: (\d+)", block)
+        if rule.group(1) == "convert":
+            case = re.search(r"wildcards: case=(case-[0-9a-f]{12})", block).group(1)
+            want = sizes[batch_of(case, 6)]
+        else:
+            want = sizes[int(re.search(r"wildcards: batch=(\d+)", block).group(1))]
+        assert prio is not None and int(prio.group(1)) == want, block
+        seen[rule.group(1)] += 1
+    assert seen == {"convert": 23, "segment_batch": len(sizes)}

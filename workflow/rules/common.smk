@@ -156,6 +156,21 @@ def batch_images(wildcards):
     return [f"results/nifti/{c}.nii.gz" for c in groups.get(int(wildcards.batch), [])]
 
 
+def batch_priority(wildcards):
+    """Larger segmentation batches first (their conversions too): longest-job-first scheduling,
+    so the biggest batch does not start last and set the tail of the run."""
+    n = segment_batches()
+    if not n:
+        return 0
+    path = checkpoints.ingest.get().output.parquet
+    groups = _batches(path, os.path.getmtime(path), n)
+    if "batch" in wildcards.keys():
+        return len(groups.get(int(wildcards.batch), []))
+    from radflow.segment import batch_of
+
+    return len(groups.get(batch_of(wildcards.case, n), []))
+
+
 @lru_cache(maxsize=4)
 def _batches(path, mtime, n):
     """batch -> its cases, grouped once per inventory version (not once per batch job)."""

@@ -11,6 +11,7 @@ rule convert:
         "logs/convert/{case}.log",
     benchmark:
         "benchmarks/convert/{case}.tsv"
+    priority: batch_priority
     conda:
         "../../envs/convert.yaml"
     threads: config["convert"]["threads"]

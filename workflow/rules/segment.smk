@@ -14,6 +14,7 @@ if segment_batches():
             "benchmarks/segment/batch-{batch}.tsv"
         wildcard_constraints:
             batch=r"\d+",
+        priority: batch_priority
         conda:
             "../../envs/segment.yaml"
         threads: config["segment"]["threads"]
