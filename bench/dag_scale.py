@@ -2,12 +2,19 @@
 
 A synthetic inventory of N selected series (no DICOM files: the ingest checkpoint's outputs are
 written directly, as ingest would after indexing a cohort) is laid out in a scratch folder and
-``snakemake -n`` builds the whole DAG for it: convert, segment and mask per case, then the
-aggregate rules. Printed per N: wall time, peak RSS of the snakemake process, and the job
-count, and the number of sbatch calls on SLURM one job at a time and with the per-case rules
-submitted as job arrays (profiles/slurm; a lower bound, see ``array_submissions``).
+``snakemake -n`` builds the whole DAG for it: convert and mask per case, the segmentation batches
+(config.yaml's segment.batches; with 0, a segment job per case), then the aggregate rules.
+Printed per N: wall time, peak RSS of the snakemake process, the job count, and the number of
+sbatch calls on SLURM one job at a time and with the per-case rules submitted as job arrays
+(profiles/slurm; a lower bound, see ``array_submissions``).
 
     python bench/dag_scale.py --cases 1000 10000
+    python bench/dag_scale.py --cases 1000 10000 --stub-scontrol
+
+``--stub-scontrol`` puts an ``scontrol`` that fails at once first on PATH. On a host with
+slurm-wlm installed but no controller running (this CI machine), the SLURM executor plugin waits
+about 9 s on ``scontrol show config`` when it is imported -- at every ``snakemake`` start, SLURM
+or not; on a workstation without SLURM or on a cluster with a live controller it returns at once.
 
 Targets (issue 7): at 10,000 cases <= 60 s and <= 2 GB on 2 cores.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,8 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 ARRAY_RULES = ("convert", "segment", "segment_batch", "mask")  # profiles/slurm
 
 
-def make_workdir(root: Path, n: int) -> Path:
-    """A scratch project whose ingest checkpoint already lists ``n`` selected cases."""
+def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
+    """A scratch project whose ingest checkpoint already lists ``n`` selected cases; with
+    ``per_batch``, segment.batches = n / per_batch (else config.yaml's, the demo's 6)."""
     work = root / f"cases{n}"
     raw = work / "raw"
     raw.mkdir(parents=True)
@@ -43,6 +52,8 @@ def make_workdir(root: Path, n: int) -> Path:
     cfg["qc"]["reference"] = None
     cfg["explain"]["lesion_reference"] = None
     cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    if per_batch:
+        cfg["segment"]["batches"] = max(1, round(n / per_batch))
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     time.sleep(0.01)  # outputs strictly newer than the raw folder
     ids = [f"{i:012x}" for i in range(n)]
@@ -72,7 +83,9 @@ def make_workdir(root: Path, n: int) -> Path:
     return work
 
 
-def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
+def dry_run(
+    work: Path, extra: list[str], env: dict[str, str] | None = None
+) -> dict[str, float | int]:
     """``snakemake -n`` in ``work``: seconds, peak RSS (MiB) and jobs per rule."""
     cmd = [
         sys.executable,
@@ -92,7 +105,7 @@ def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
         *extra,
     ]
     t0 = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = 0
     out_chunks = []
     while proc.poll() is None:
@@ -118,9 +131,9 @@ def dry_run(work: Path, extra: list[str]) -> dict[str, float | int]:
 
 
 def local_rules(jobs: dict[str, int]) -> set[str]:
-    """Rules that run on the submit host: ``all``, and ``segment`` when segmentation is batched
-    (segment.batches > 0: it only copies a label map out of its batch's folder)."""
-    return {"all"} | ({"segment"} if jobs.get("segment_batch") else set())
+    """Rules that run on the submit host: ``all`` (with segment.batches > 0 there is no per-case
+    segment job at all: mask takes each label map out of its batch's folder)."""
+    return {"all"}
 
 
 def array_submissions(jobs: dict[str, int], limit: int) -> int:
@@ -140,13 +153,33 @@ def main() -> int:
     ap.add_argument("--cases", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--array-limit", type=int, default=1000, help="tasks per SLURM array")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    ap.add_argument(
+        "--cases-per-batch",
+        type=int,
+        default=100,
+        help="segment.batches = cases / this (0: config.yaml's batches, the demo's 6). Snakemake "
+        "checks every job that needs a batch's folder against that batch's whole input list, so "
+        "a few huge batches cost O(cases^2 / batches) at DAG time",
+    )
+    ap.add_argument(
+        "--stub-scontrol",
+        action="store_true",
+        help="an scontrol that fails at once first on PATH (see the module docstring)",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="radflow-dag-"))
+    env = None
+    if args.stub_scontrol:
+        stub = root / "bin" / "scontrol"
+        stub.parent.mkdir()
+        stub.write_text("#!/bin/sh\nexit 1\n")
+        stub.chmod(0o755)
+        env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     results = []
     try:
         for n in args.cases:
-            work = make_workdir(root, n)
-            r = dry_run(work, [])
+            work = make_workdir(root, n, args.cases_per_batch)
+            r = dry_run(work, [], env)
             r["cases"] = n
             local = sum(r["jobs"].get(k, 0) for k in local_rules(r["jobs"]))
             r["sbatch_plain"] = r["jobs"].get("total", 0) - local

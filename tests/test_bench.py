@@ -31,7 +31,8 @@ def test_convert_bench_small_matches_dcm2niix(tmp_path):
 
 
 def test_dag_scale_bench_plans_every_case(tmp_path):
-    """The DAG bench's synthetic inventory drives the real Snakefile: 3 jobs per case."""
+    """The DAG bench's synthetic inventory drives the real Snakefile: with segmentation batches,
+    2 jobs per case (convert, mask) plus the batches."""
     out = subprocess.run(
         [
             sys.executable,
@@ -40,6 +41,8 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
             "7",
             "--array-limit",
             "4",
+            "--cases-per-batch",
+            "0",
         ],
         capture_output=True,
         text=True,
@@ -50,11 +53,12 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
 
     (r,) = json.loads(out.stdout.strip().splitlines()[-1])
     jobs = r["jobs"]
-    assert jobs["convert"] == jobs["segment"] == jobs["mask"] == 7
+    assert jobs["convert"] == jobs["mask"] == 7
     assert jobs["segment_batch"] == 6  # config.yaml's segment.batches
-    singles = jobs["total"] - 21 - jobs["segment_batch"] - jobs["all"]
+    assert "segment" not in jobs  # batched: mask takes each label map out of its batch
+    singles = jobs["total"] - 14 - jobs["segment_batch"] - jobs["all"]
     # arrays of 4: 2 sbatch calls each for convert, the 6 segmentation batches and mask, plus
-    # one per aggregate rule; the per-case segment jobs (copies out of a batch) run locally
+    # one per aggregate rule
     assert r["sbatch_arrays"] == 2 + 2 + 2 + singles
     assert r["sbatch_plain"] == 7 + 6 + 7 + singles
 

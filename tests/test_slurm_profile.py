@@ -62,7 +62,9 @@ def _job_rules() -> set[str]:
     proc = _snakemake(REPO, "--list-rules")
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = set(proc.stdout.split())
-    assert {"ingest", "convert", "segment", "mask", "manifest", "train", "evaluate"} <= names
+    assert {"ingest", "convert", "mask", "manifest", "train", "evaluate"} <= names
+    assert names & {"segment", "segment_batch"}  # per case, or batched (segment.batches)
+    names |= set(_rule_blocks())  # and the rules of the other config branch (segment per case)
     return {n for n in names if n != "all" and not n.endswith("_all")}
 
 

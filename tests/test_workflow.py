@@ -151,7 +151,7 @@ def test_forcerun_train_reruns_train_onward_only(run):
     jobs = _planned(work, "--forcerun", "train")
     assert jobs.get("train") == 1 and jobs.get("evaluate") == 1
     assert jobs.get("explain") == 1
-    for upstream in ("ingest", "convert", "segment", "mask", "manifest"):
+    for upstream in ("ingest", "convert", "segment", "segment_batch", "mask", "manifest"):
         assert upstream not in jobs, jobs
 
 
@@ -162,7 +162,7 @@ def test_mask_parameter_change_reruns_mask_onward_only(run):
     jobs = _planned(work, "--configfile", str(changed))
     n_cases = len(list((work / "results/masked").glob("case-*_roi.nii.gz")))
     assert jobs.get("mask") == n_cases and jobs.get("manifest") == 1 and jobs.get("train") == 1
-    for upstream in ("ingest", "convert", "segment"):
+    for upstream in ("ingest", "convert", "segment", "segment_batch"):
         assert upstream not in jobs, jobs
 
 
@@ -176,7 +176,7 @@ def test_new_label_sheet_reruns_manifest_onward_only(run, demo_cohort):
     changed = _with_config(work, lambda c: c["labels"].update(path=str(new)))
     jobs = _planned(work, "--configfile", str(changed))
     assert jobs.get("manifest") == 1 and jobs.get("train") == 1 and jobs.get("evaluate") == 1
-    for upstream in ("ingest", "convert", "segment", "mask"):
+    for upstream in ("ingest", "convert", "segment", "segment_batch", "mask"):
         assert upstream not in jobs, jobs
     # and explain settings do not touch the manifest or the model
     jobs = _planned(work, "--configfile", str(_with_config(work, _gradcam_pp)))

@@ -139,23 +139,20 @@ def cmd_segment_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_segment_collect(args: argparse.Namespace) -> int:
-    """One case's label map out of its batch folder (or the batch's error for it)."""
-    from radflow import segment
-
-    try:
-        segment.collect(args.batch_dir, args.case, args.out, args.names)
-    except (RuntimeError, FileNotFoundError) as exc:
-        print(f"radflow segment-collect: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def cmd_mask(args: argparse.Namespace) -> int:
     """Mask, crop and resample one case; QC picture and segmentation table."""
     from radflow import mask
 
     settings = mask.MaskSettings.from_dict(args.settings)
+    if args.batch_dir:  # segment.batches: the label map comes out of its batch's folder first
+        from radflow import segment
+
+        names = args.names or mask.names_path_of(args.seg)
+        try:
+            segment.collect(args.batch_dir, args.case_id, args.seg, names)
+        except (RuntimeError, FileNotFoundError) as exc:
+            print(f"radflow mask: error: {exc}", file=sys.stderr)
+            return 1
     status = mask.run(
         args.image,
         args.seg,
@@ -382,13 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--threads", type=int, default=1)
     sb.set_defaults(func=cmd_segment_batch)
 
-    sc = sub.add_parser("segment-collect", help="one case's label map out of its batch folder")
-    sc.add_argument("batch_dir")
-    sc.add_argument("case")
-    sc.add_argument("out", help="label map .nii.gz")
-    sc.add_argument("--names", required=True, help="label-name JSON")
-    sc.set_defaults(func=cmd_segment_collect)
-
     m = sub.add_parser("mask", help="mask, crop and resample one case, with QC")
     m.add_argument("image")
     m.add_argument("seg")
@@ -402,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reference", default=None, help="reference label map for Dice/IoU")
     m.add_argument("--reference-names", default=None, help="its label-name JSON")
     m.add_argument("--case-id", default="")
+    m.add_argument(
+        "--batch-dir",
+        default=None,
+        help="segmentation batch folder: copy the case's label map (and names) out of it to "
+        "SEG first, or fail with the error the batch recorded for the case (needs --case-id)",
+    )
     m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=cmd_mask)
 

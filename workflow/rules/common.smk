@@ -149,6 +149,34 @@ def case_batch(wildcards):
     return f"results/seg/batches/{batch_of(wildcards.case, segment_batches())}"
 
 
+def mask_seg_input(wildcards):
+    """mask's segmentation input: the case's label map, or its batch's folder."""
+    if segment_batches():
+        return case_batch(wildcards)
+    return f"results/seg/{wildcards.case}.nii.gz"
+
+
+def mask_names_input(wildcards):
+    return [] if segment_batches() else [f"results/seg/{wildcards.case}.json"]
+
+
+def batch_seg_outputs():
+    """With segment.batches, mask places the case's label map and names (out of the batch)."""
+    if not segment_batches():
+        return {}
+    return {"seg": "results/seg/{case}.nii.gz", "names": "results/seg/{case}.json"}
+
+
+def segmented(wildcards):
+    """Target of segment_all: every label map, or every batch folder."""
+    n = segment_batches()
+    if not n:
+        return expand("results/seg/{case}.nii.gz", case=cases())
+    path = checkpoints.ingest.get().output.parquet
+    groups = _batches(path, os.path.getmtime(path), n)
+    return expand("results/seg/batches/{batch}", batch=sorted(groups))
+
+
 def batch_images(wildcards):
     """Converted images of one segmentation batch (stable: by pseudonym hash)."""
     path = checkpoints.ingest.get().output.parquet

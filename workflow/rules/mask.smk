@@ -1,10 +1,13 @@
 rule mask:
     input:
         image="results/nifti/{case}.nii.gz",
-        seg="results/seg/{case}.nii.gz",
-        names="results/seg/{case}.json",
+        # the label map, or with segment.batches its batch's folder (mask then places the
+        # label map at results/seg/{case}.nii.gz itself, see batch_seg_outputs)
+        seg=mask_seg_input,
+        names=mask_names_input,
         reference=reference_mask,
     output:
+        **batch_seg_outputs(),
         masked="results/masked/{case}.nii.gz",
         roi="results/masked/{case}_roi.nii.gz",
         status="results/masked/{case}.json",
@@ -28,9 +31,13 @@ rule mask:
     params:
         settings=as_json(without(config["mask"], "threads")),
         reference=lambda wc, input: opt("--reference", input.reference),
+        seg=lambda wc: f"results/seg/{wc.case}.nii.gz",
+        batch=lambda wc, input: opt(
+            "--batch-dir", [input.seg] if segment_batches() else []
+        ),
     shell:
-        "radflow mask {input.image:q} {input.seg:q} {output.masked:q} "
-        "--roi-out {output.roi:q} --status {output.status:q} --names {input.names:q} "
+        "radflow mask {input.image:q} {params.seg:q} {output.masked:q} {params.batch} "
+        "--roi-out {output.roi:q} --status {output.status:q} "
         "--qc {output.qc:q} --seg-qc {output.seg_qc:q} {params.reference} "
         "--settings {params.settings:q} --case-id {wildcards.case} --threads {threads} "
         "> {log} 2>&1"

@@ -1,13 +1,15 @@
 if segment_batches():
 
     # segment.batches > 0: one TotalSegmentator process per batch of cases (torch, nnU-Net and
-    # the model load once per batch, not once per case); a per-case local job then copies each
-    # label map to its place, or fails that case alone with the batch's error for it.
+    # the model load once per batch, not once per case). The batch folder is kept: the mask job
+    # of each case takes its label map out of it (or fails that case alone with the batch's
+    # error for it), so there is no per-case segment job at all -- a third fewer jobs in the
+    # DAG, and none left to run on a cluster's submit host.
     rule segment_batch:
         input:
             batch_images,
         output:
-            temp(directory("results/seg/batches/{batch}")),
+            directory("results/seg/batches/{batch}"),
         log:
             "logs/segment/batch-{batch}.log",
         benchmark:
@@ -26,21 +28,6 @@ if segment_batches():
         shell:
             "radflow segment-batch {input:q} --out-dir {output:q} "
             "--settings {params.settings:q} --threads {threads} > {log} 2>&1"
-
-    rule segment:
-        input:
-            case_batch,
-        output:
-            seg="results/seg/{case}.nii.gz",
-            names="results/seg/{case}.json",
-        log:
-            "logs/segment/{case}.log",
-        localrule: True
-        conda:
-            "../../envs/segment.yaml"
-        shell:
-            "radflow segment-collect {input:q} {wildcards.case} {output.seg:q} "
-            "--names {output.names:q} > {log} 2>&1"
 
 else:
 
@@ -72,4 +59,4 @@ else:
 
 rule segment_all:
     input:
-        lambda wc: expand("results/seg/{case}.nii.gz", case=cases()),
+        segmented,
