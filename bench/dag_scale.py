@@ -130,10 +130,9 @@ def dry_run(
     return {"seconds": seconds, "peak_mib": peak / 2**20, "jobs": jobs}
 
 
-def local_rules(jobs: dict[str, int]) -> set[str]:
-    """Rules that run on the submit host: ``all`` (with segment.batches > 0 there is no per-case
-    segment job at all: mask takes each label map out of its batch's folder)."""
-    return {"all"}
+# Rules that run on the submit host (with segment.batches > 0 there is no per-case segment job
+# at all: mask takes each label map out of its batch's folder).
+LOCAL_RULES = {"all"}
 
 
 def array_submissions(jobs: dict[str, int], limit: int) -> int:
@@ -141,7 +140,7 @@ def array_submissions(jobs: dict[str, int], limit: int) -> int:
     tasks (profiles/slurm: slurm-array-jobs), the other rules one each; local rules run on the
     submit host. A lower bound: the plugin submits the jobs ready at that moment, so a rule
     whose inputs finish in waves takes one call per wave."""
-    local = local_rules(jobs)
+    local = LOCAL_RULES
     arrays = [r for r in ARRAY_RULES if r not in local]
     per_case = sum(-(-jobs.get(r, 0) // limit) for r in arrays)
     rest = jobs.get("total", 0) - sum(jobs.get(r, 0) for r in set(arrays) | local)
@@ -181,7 +180,7 @@ def main() -> int:
             work = make_workdir(root, n, args.cases_per_batch)
             r = dry_run(work, [], env)
             r["cases"] = n
-            local = sum(r["jobs"].get(k, 0) for k in local_rules(r["jobs"]))
+            local = sum(r["jobs"].get(k, 0) for k in LOCAL_RULES)
             r["sbatch_plain"] = r["jobs"].get("total", 0) - local
             r["sbatch_arrays"] = array_submissions(r["jobs"], args.array_limit)
             results.append(r)

@@ -169,19 +169,17 @@ def batch_seg_outputs():
 
 def segmented(wildcards):
     """Target of segment_all: every label map, or every batch folder."""
-    n = segment_batches()
-    if not n:
+    if not segment_batches():
         return expand("results/seg/{case}.nii.gz", case=cases())
-    path = checkpoints.ingest.get().output.parquet
-    groups = _batches(path, os.path.getmtime(path), n)
-    return expand("results/seg/batches/{batch}", batch=sorted(groups))
+    return expand("results/seg/batches/{batch}", batch=sorted(batch_groups()))
 
 
 def batch_images(wildcards):
     """Converted images of one segmentation batch (stable: by pseudonym hash)."""
-    path = checkpoints.ingest.get().output.parquet
-    groups = _batches(path, os.path.getmtime(path), segment_batches())
-    return [f"results/nifti/{c}.nii.gz" for c in groups.get(int(wildcards.batch), [])]
+    return [
+        f"results/nifti/{c}.nii.gz"
+        for c in batch_groups().get(int(wildcards.batch), [])
+    ]
 
 
 def batch_priority(wildcards):
@@ -190,13 +188,18 @@ def batch_priority(wildcards):
     n = segment_batches()
     if not n:
         return 0
-    path = checkpoints.ingest.get().output.parquet
-    groups = _batches(path, os.path.getmtime(path), n)
+    groups = batch_groups()
     if "batch" in wildcards.keys():
         return len(groups.get(int(wildcards.batch), []))
     from radflow.segment import batch_of
 
     return len(groups.get(batch_of(wildcards.case, n), []))
+
+
+def batch_groups():
+    """batch -> its cases, for the current inventory (after the ingest checkpoint)."""
+    path = checkpoints.ingest.get().output.parquet
+    return _batches(path, os.path.getmtime(path), segment_batches())
 
 
 @lru_cache(maxsize=4)
