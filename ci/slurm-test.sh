@@ -2,7 +2,9 @@
 # Runs the real radflow workflow through a real, single-node SLURM cluster on this machine:
 # installs Debian's slurm-wlm and munge (apt) if missing, starts munged, slurmctld and slurmd
 # for localhost, runs snakemake --profile profiles/slurm on a small demo cohort from ingest to
-# evaluate and explain, and checks the outputs and that every job went through SLURM.
+# evaluate and explain (the demo's batched segmentation), then once more up to the masked
+# volumes with a segment job per case (segment.batches: 0), and checks the outputs and that
+# every job went through SLURM, per-case rules as job arrays.
 #
 # Needs root on a throwaway Debian 12 machine (CI, a VM, a container): it writes
 # /etc/slurm/slurm.conf (refusing to replace one it did not write) and starts daemons.
@@ -19,7 +21,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${RADFLOW_SLURM_WORK:-/tmp/radflow-slurm-test}
 STATE=$WORK/slurm               # daemon state, pid files, logs, job completion records
-RUN=$WORK/run                   # the workflow's working directory (-d)
+RUN=$WORK/run                   # the workflow's working directory (-d): the demo's config
+RUN_CASE=$WORK/run-per-case     # the same cohort with a segment job per case, up to mask
 COHORT=$WORK/cohort
 CONF=/etc/slurm/slurm.conf
 MARK="# written by radflow ci/slurm-test.sh"
@@ -64,8 +67,8 @@ stop_daemons() {
     done
 }
 stop_daemons
-rm -rf "$STATE" "$RUN"
-mkdir -p "$STATE/ctld" "$STATE/d" "$RUN/config"
+rm -rf "$STATE" "$RUN" "$RUN_CASE"
+mkdir -p "$STATE/ctld" "$STATE/d"
 
 # ------------------------------------------------------------------ munge
 if [[ ! -s /etc/munge/munge.key ]]; then
@@ -149,13 +152,15 @@ if [[ ! -e $COHORT/.complete ]]; then
     radflow demo-data "$COHORT" --subjects 10 --unlabeled 1 --seed 7 --matrix 32 --threads 2
     touch "$COHORT/.complete"
 fi
-python - "$REPO" "$COHORT" "$RUN" "$SALT" <<'PY'
+write_config() {  # write_config RUN_DIR SEGMENT_BATCHES
+    mkdir -p "$1/config"
+    python - "$REPO" "$COHORT" "$1" "$SALT" "$2" <<'PY'
 import sys
 from pathlib import Path
 
 import yaml
 
-repo, cohort, run, salt = sys.argv[1:]
+repo, cohort, run, salt, batches = sys.argv[1:]
 cfg = yaml.safe_load(Path(repo, "config", "config.yaml").read_text())
 cfg["raw_dir"] = f"{cohort}/raw"
 cfg["labels"]["path"] = f"{cohort}/labels.csv"
@@ -165,8 +170,8 @@ cfg["segment"]["weights_dir"] = f"{repo}/resources/totalseg_phantom"
 cfg["qc"]["reference"] = f"{cohort}/ground_truth/{{StudyInstanceUID}}/organs.nii.gz"
 # no GPU on this cluster: device cpu makes segment, train, evaluate and explain declare gpu=0
 cfg["segment"]["device"] = "cpu"
-# one segment job per case, sent as job arrays (the checks below count them)
-cfg["segment"]["batches"] = 0
+# segment.batches: the demo's batched segmentation (a job per batch), or 0: a job per case
+cfg["segment"]["batches"] = int(batches)
 cfg["explain"].update(
     device="cpu", lesion_reference=f"{cohort}/ground_truth/{{StudyInstanceUID}}/lesion.nii.gz"
 )
@@ -174,6 +179,7 @@ cfg["train"].update({"epochs": 2, "device": "cpu", "threads": 2})
 cfg["evaluate"]["bootstrap"] = 100
 Path(run, "config", "config.yaml").write_text(yaml.safe_dump(cfg))
 PY
+}
 
 # A site profile as README describes it: partition (and account, which this cluster without
 # slurmdbd has none of) through default-resources; executor settings for this test cluster.
@@ -190,32 +196,21 @@ jobs: 20
 SITE
 
 # ------------------------------------------------------------------ the workflow, through SLURM
-log "snakemake --profile profiles/slurm (through SLURM)"
-start=$(date +%s)
-set +e
-timeout -k 60 "$WORKFLOW_TIMEOUT" snakemake -s "$REPO/Snakefile" -d "$RUN" \
-    --profile "$REPO/profiles/slurm" --profile "$WORK/site.yaml" >"$WORK/snakemake.log" 2>&1
-rc=$?
-set -e
-wall=$(( $(date +%s) - start ))
-tail -25 "$WORK/snakemake.log"
-
-# ------------------------------------------------------------------ checks
-passed=0 failed=0
-check() {  # check "what" command...
-    local what=$1; shift
-    if "$@"; then passed=$((passed + 1)); echo "ok    $what"
-    else failed=$((failed + 1)); echo "FAIL  $what"; fi
+workflow() {  # workflow RUN_DIR LOG [TARGET...]: snakemake through SLURM; sets rc and wall
+    local dir=$1 out=$2 start
+    shift 2
+    start=$(date +%s)
+    set +e
+    timeout -k 60 "$WORKFLOW_TIMEOUT" snakemake -s "$REPO/Snakefile" -d "$dir" \
+        --profile "$REPO/profiles/slurm" --profile "$WORK/site.yaml" "$@" >"$out" 2>&1
+    rc=$?
+    set -e
+    wall=$(( $(date +%s) - start ))
+    tail -25 "$out"
 }
-files_exist() { local f; for f; do [[ -s $RUN/$f ]] || { echo "  missing $f"; return 1; }; done; }
-log "checks"
-check "snakemake exited 0 (rc=$rc after ${wall}s)" test "$rc" = 0
-check "final outputs exist" files_exist results/inventory/series.parquet \
-    manifests/cases.parquet manifests/datalist.json results/qc/segmentation.csv \
-    results/train/best.pt results/eval/metrics.json results/eval/predictions.csv \
-    results/explain/index.html results/explain/faithfulness.json
 
-python - "$RUN" "$STATE/jobcomp.log" "$PREFIX" "$PARTITION" >"$WORK/jobs.txt" <<'PY'
+job_table() {  # job_table RUN_DIR: one line per Snakemake job that went to SLURM
+    python - "$1" "$STATE/jobcomp.log" "$PREFIX" <<'PY'
 # One line per Snakemake job submitted to SLURM (its SLURM log) joined with SLURM's own
 # completion record: rule, SLURM job id, state, partition, time limit, memory.
 import re
@@ -223,7 +218,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-run, jobcomp, prefix, partition = sys.argv[1:]
+run, jobcomp, prefix = sys.argv[1:]
 records = {}
 for line in Path(jobcomp).read_text().splitlines():
     rec = dict(re.findall(r"(\w+)=(\S*)", line))
@@ -245,47 +240,112 @@ for path in sorted(Path(run, ".snakemake", "slurm_logs").glob("rule_*/**/*.log")
           rec.get("TimeLimit", "-"), mem.group(1) if mem else "-",
           "prefixed" if rec.get("Name", "").startswith(prefix + "_") else "unprefixed")
 PY
-cat "$WORK/jobs.txt"
-njobs=$(wc -l <"$WORK/jobs.txt")
-ncases=$(ls "$RUN"/results/masked/case-*_roi.nii.gz 2>/dev/null | wc -l)
-rule_count() { awk -v r="$1" '$1 == r' "$WORK/jobs.txt" | wc -l; }
-every_rule_ran_in_slurm() {
-    local rule n
-    for rule in ingest convert segment mask qc_table manifest train evaluate explain; do
-        n=$(rule_count $rule)
-        case $rule in convert|segment|mask) want=$ncases ;; *) want=1 ;; esac
-        (( n == want )) || { echo "  $rule: $n SLURM jobs, expected $want"; return 1; }
-    done
 }
-check "every rule ran as SLURM jobs ($njobs jobs, $ncases cases)" every_rule_ran_in_slurm
-per_case_rules_went_as_arrays() {  # profiles/slurm: slurm-array-jobs convert,segment,mask
-    # the plugin submits, per rule, the jobs ready at that moment as one array (a lone ready
-    # job goes alone): fewer sbatch calls than jobs, and convert, all ready after ingest, in one
-    local rule stems calls
-    for rule in convert segment mask; do
-        stems=$(awk -v r="$rule" '$1 == r { print $2 }' "$WORK/jobs.txt")
+
+passed=0 failed=0
+check() {  # check "what" command...
+    local what=$1; shift
+    if "$@"; then passed=$((passed + 1)); echo "ok    $what"
+    else failed=$((failed + 1)); echo "FAIL  $what"; fi
+}
+files_exist() {  # files_exist RUN_DIR FILE...
+    local dir=$1 f; shift
+    for f; do [[ -s $dir/$f ]] || { echo "  missing $dir/$f"; return 1; }; done
+}
+rule_count() { awk -v r="$1" '$1 == r' "$2" | wc -l; }
+went_as_arrays() {  # went_as_arrays JOBS_TXT RULE...: fewer sbatch calls than jobs
+    # (profiles/slurm: slurm-array-jobs) the plugin submits, per rule, the jobs ready at that
+    # moment as one array (a lone ready job goes alone); convert, all ready after ingest, in one
+    local table=$1 rule stems calls; shift
+    for rule; do
+        stems=$(awk -v r="$rule" '$1 == r { print $2 }' "$table")
         calls=$(cut -d_ -f1 <<<"$stems" | sort -u | wc -l)
         echo "  $rule: $(wc -l <<<"$stems") jobs in $calls sbatch call(s)"
         (( calls < $(wc -l <<<"$stems") )) || return 1
         [[ $rule != convert ]] || (( calls == 1 )) || return 1
     done
 }
-check "per-case jobs went to SLURM as job arrays" per_case_rules_went_as_arrays
-check "SLURM recorded every job COMPLETED under our job name, in $PARTITION" \
+all_completed() {  # every job COMPLETED under our job name, in our partition
     awk -v p="$PARTITION" '$3 != "COMPLETED" || $4 != p || $7 != "prefixed" { print "  " $0; bad = 1 }
-        END { exit bad }' "$WORK/jobs.txt"
+        END { exit bad }' "$1"
+}
+salt_only_in_config() {  # the salt is in the config (the search works) and in no log
+    local dir=$1 out=$2
+    grep -qF -- "$SALT" "$dir/config/config.yaml" &&
+        ! grep -rlF -- "$SALT" "$dir/.snakemake/slurm_logs" "$dir/logs" "$out"
+}
+
+# 1. The demo's configuration, segmentation in batches, from ingest to explain.
+log "snakemake --profile profiles/slurm (through SLURM): the demo's config, batched segmentation"
+write_config "$RUN" 3
+workflow "$RUN" "$WORK/snakemake.log"
+job_table "$RUN" >"$WORK/jobs.txt"
+cat "$WORK/jobs.txt"
+njobs=$(wc -l <"$WORK/jobs.txt")
+ncases=$( (ls "$RUN"/results/masked/case-*_roi.nii.gz 2>/dev/null || true) | wc -l)
+nbatches=$( (ls -d "$RUN"/results/seg/batches/*/ 2>/dev/null || true) | wc -l)
+log "checks: batched segmentation ($ncases cases, $nbatches batches)"
+check "snakemake exited 0 (rc=$rc after ${wall}s)" test "$rc" = 0
+wall_batched=$wall
+check "final outputs exist" files_exist "$RUN" results/inventory/series.parquet \
+    manifests/cases.parquet manifests/datalist.json results/qc/segmentation.csv \
+    results/train/best.pt results/eval/metrics.json results/eval/predictions.csv \
+    results/explain/index.html results/explain/faithfulness.json
+every_rule_ran_in_slurm() {
+    local rule n want
+    (( nbatches >= 2 )) || { echo "  $nbatches segmentation batch folder(s)"; return 1; }
+    for rule in ingest convert segment_batch mask qc_table manifest train evaluate explain; do
+        n=$(rule_count $rule "$WORK/jobs.txt")
+        case $rule in convert|mask) want=$ncases ;; segment_batch) want=$nbatches ;; *) want=1 ;; esac
+        (( n == want )) || { echo "  $rule: $n SLURM jobs, expected $want"; return 1; }
+    done
+    # no per-case segment job: mask took each label map out of its batch's folder
+    (( $(rule_count segment "$WORK/jobs.txt") == 0 )) &&
+        files_exist "$RUN" $(cd "$RUN" && ls results/masked/case-*_roi.nii.gz |
+            sed 's,results/masked/\(.*\)_roi.nii.gz,results/seg/\1.nii.gz,')
+}
+check "every rule ran as SLURM jobs ($njobs jobs, $ncases cases, $nbatches batches)" \
+    every_rule_ran_in_slurm
+check "per-case jobs went to SLURM as job arrays" went_as_arrays "$WORK/jobs.txt" convert mask
+check "SLURM recorded every job COMPLETED under our job name, in $PARTITION" \
+    all_completed "$WORK/jobs.txt"
 check "profile resources reached sbatch (train: 16000 MB, 1440 min)" \
     grep -qE '^train [0-9]+ COMPLETED [^ ]+ 1440 16000 ' "$WORK/jobs.txt"
-salt_only_in_config() {  # the salt is in the config (the search works) and in no log
-    grep -qF -- "$SALT" "$RUN/config/config.yaml" &&
-        ! grep -rlF -- "$SALT" "$RUN/.snakemake/slurm_logs" "$RUN/logs" "$WORK/snakemake.log"
-}
-check "no SLURM log, job log or snakemake output carries the salt" salt_only_in_config
+check "no SLURM log, job log or snakemake output carries the salt" \
+    salt_only_in_config "$RUN" "$WORK/snakemake.log"
 check "a rerun has nothing to do" bash -c 'snakemake -s "$0/Snakefile" -d "$1" \
     --profile "$0/profiles/slurm" --profile "$2/site.yaml" -n 2>&1 | grep -q "Nothing to be done"' \
     "$REPO" "$RUN" "$WORK"
 
+# 2. segment.batches 0 (a segment job per case, as with the precomputed backend), up to the
+# masked volumes: the per-case segment jobs go as job arrays too.
+log "snakemake --profile profiles/slurm mask_all (through SLURM): a segment job per case"
+write_config "$RUN_CASE" 0
+workflow "$RUN_CASE" "$WORK/snakemake-per-case.log" mask_all
+job_table "$RUN_CASE" >"$WORK/jobs-per-case.txt"
+cat "$WORK/jobs-per-case.txt"
+ncases_pc=$( (ls "$RUN_CASE"/results/masked/case-*_roi.nii.gz 2>/dev/null || true) | wc -l)
+log "checks: a segment job per case ($ncases_pc cases)"
+check "snakemake mask_all exited 0 (rc=$rc after ${wall}s)" test "$rc" = 0
+per_case_segment_jobs() {
+    (( ncases_pc == ncases )) || { echo "  $ncases_pc cases masked, $ncases in the batched run"; return 1; }
+    local rule n
+    for rule in convert segment mask; do
+        n=$(rule_count $rule "$WORK/jobs-per-case.txt")
+        (( n == ncases_pc )) || { echo "  $rule: $n SLURM jobs, expected $ncases_pc"; return 1; }
+    done
+    (( $(rule_count segment_batch "$WORK/jobs-per-case.txt") == 0 ))
+}
+check "convert, segment and mask ran once per case as SLURM jobs" per_case_segment_jobs
+check "per-case jobs went to SLURM as job arrays" \
+    went_as_arrays "$WORK/jobs-per-case.txt" convert segment mask
+check "SLURM recorded every job COMPLETED under our job name, in $PARTITION" \
+    all_completed "$WORK/jobs-per-case.txt"
+check "no SLURM log, job log or snakemake output carries the salt" \
+    salt_only_in_config "$RUN_CASE" "$WORK/snakemake-per-case.log"
+
 echo
-echo "wall time of the workflow through SLURM: ${wall}s; SLURM jobs: $njobs"
+echo "wall time through SLURM: ${wall_batched}s for the demo's workflow ($njobs SLURM jobs)," \
+    "${wall}s up to mask with a segment job per case ($(wc -l <"$WORK/jobs-per-case.txt") jobs)"
 echo "slurm-test: $passed passed, $failed failed"
 (( failed == 0 ))

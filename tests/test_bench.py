@@ -53,6 +53,7 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
 
     (r,) = json.loads(out.stdout.strip().splitlines()[-1])
     jobs = r["jobs"]
+    assert 0 < r["plan_seconds"] and 0 < r["listing_seconds"]
     assert jobs["convert"] == jobs["mask"] == 7
     assert jobs["segment_batch"] == 6  # config.yaml's segment.batches
     assert "segment" not in jobs  # batched: mask takes each label map out of its batch
@@ -63,9 +64,10 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     assert r["sbatch_plain"] == 7 + 6 + 7 + singles
 
 
-def test_largest_segmentation_batch_and_its_conversions_go_first(tmp_path):
-    """segment_batch jobs carry their batch size as priority, and so do the conversions feeding
-    them: the scheduler starts the longest batch first instead of letting it set the tail."""
+def test_largest_segmentation_batch_goes_first(tmp_path):
+    """segment_batch jobs carry their batch size as priority: the scheduler starts the longest
+    batch first instead of letting it set the tail. Conversions carry none (a priority function
+    is one more call per case while the DAG is built, and conversions take seconds)."""
     import re
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -93,10 +95,9 @@ def test_largest_segmentation_batch_and_its_conversions_go_first(tmp_path):
             continue
         prio = re.search(r"priority: (\d+)", block)
         if rule.group(1) == "convert":
-            case = re.search(r"wildcards: case=(case-[0-9a-f]{12})", block).group(1)
-            want = sizes[batch_of(case, 6)]
+            want = 0
         else:
             want = sizes[int(re.search(r"wildcards: batch=(\d+)", block).group(1))]
-        assert prio is not None and int(prio.group(1)) == want, block
+        assert (int(prio.group(1)) if prio else 0) == want, block  # 0 is not printed
         seen[rule.group(1)] += 1
     assert seen == {"convert": 23, "segment_batch": len(sizes)}

@@ -103,6 +103,28 @@ def test_inventory_and_file_lists_are_consistent(inventory):
         assert col not in parquet.columns
 
 
+def test_convert_reads_the_series_pseudonym_from_the_inventory(inventory, tmp_path, capsys):
+    """The workflow's convert job gets the inventory, not a per-case series id: the sidecar's
+    series_id is the inventory's, and a case the inventory lacks is a clear error."""
+    import json
+
+    from radflow import cli
+
+    pub, res = inventory
+    sel = pub[pub["selected"]].iloc[0]
+    parquet = res / "inventory" / "series.parquet"
+    assert ingest.series_id_of(parquet, sel["case_id"]) == sel["series_id"]
+    files = res / "private" / "series" / f"{sel['case_id']}.txt"
+    out = tmp_path / "img.nii.gz"
+    argv = ["convert", str(files), str(out), "--inventory", str(parquet)]
+    assert cli.main([*argv, "--case-id", sel["case_id"]]) == 0
+    sidecar = json.loads((tmp_path / "img.json").read_text())
+    assert sidecar["series_id"] == sel["series_id"] and sidecar["case_id"] == sel["case_id"]
+    assert cli.main([*argv, "--case-id", "case-000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "case-000000000000" in err and "not in the inventory" in err
+
+
 def _row(**kw):
     base = dict(
         StudyInstanceUID="1.2",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -79,8 +80,11 @@ def test_workflow_runs_ingest_and_convert(run):  # and segment and mask
     sel = inv[inv["selected"]]
     produced = sorted(p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz"))
     assert produced == sorted(sel["case_id"])  # rejected series never became jobs
-    for cid in sel["case_id"]:
+    for cid, series_id in zip(sel["case_id"], sel["series_id"], strict=True):
         img = nib.load(work / f"results/nifti/{cid}.nii.gz")
+        # the sidecar's series pseudonym is the inventory's (convert reads it there itself)
+        sidecar = json.loads((work / f"results/nifti/{cid}.json").read_text())
+        assert sidecar["series_id"] == series_id and sidecar["case_id"] == cid
         assert img.get_data_dtype() == "int16"
         assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
         assert (work / f"logs/convert/{cid}.log").exists()

@@ -78,6 +78,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from radflow import convert
 
     settings = convert.ConvertSettings.from_dict(args.settings)
+    series_id = args.series_id
+    if args.inventory and not series_id:
+        from radflow.ingest import series_id_of
+
+        series_id = series_id_of(args.inventory, args.case_id)
     try:
         sc = convert.convert(
             args.source,
@@ -85,7 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             settings,
             sidecar_path=args.sidecar,
             case_id=args.case_id,
-            series_id=args.series_id,
+            series_id=series_id,
             salt=args.salt,
             series_uid=args.series_uid,
             threads=_threads(args.threads),
@@ -356,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--settings", type=_json_arg, default={}, help="convert settings as JSON")
     c.add_argument("--case-id", default="")
     c.add_argument("--series-id", default="", help="pseudonymous series id (from the inventory)")
+    c.add_argument(
+        "--inventory",
+        default=None,
+        help="or: the inventory (parquet) to read --case-id's series id from",
+    )
     c.add_argument("--salt", default="", help="or: key to hash the source series UID with")
     c.add_argument("--series-uid", default=None, help="pick one series from a mixed folder")
     c.add_argument("--threads", type=int, default=1)

@@ -61,6 +61,20 @@ def validate_labels():
 validate_labels()
 
 
+_INGEST = {}
+
+
+def ingest_output():
+    """The ingest checkpoint's output files; IncompleteCheckpointException until ingest is done,
+    which is how Snakemake learns that a job waits on it. Once complete, a checkpoint stays
+    complete for the rest of the run, so the answer is kept: checkpoints.ingest.get() expands
+    the rule's output anew on every call, and the input functions ask once or twice per case
+    (a tenth of the DAG time at 10,000 cases, bench/dag_scale.py)."""
+    if "output" not in _INGEST:
+        _INGEST["output"] = checkpoints.ingest.get().output
+    return _INGEST["output"]
+
+
 @lru_cache(maxsize=4)
 def _inventory(path, mtime):
     cols = ["case_id", "series_id", "selected"]
@@ -70,7 +84,7 @@ def _inventory(path, mtime):
 
 def inventory():
     """Selected cases of the inventory (after the ingest checkpoint), read once per version."""
-    path = checkpoints.ingest.get().output.parquet
+    path = ingest_output().parquet
     return _inventory(path, os.path.getmtime(path))
 
 
@@ -81,22 +95,6 @@ def cases():
 def case_filelist(wildcards):
     inventory()  # the file lists exist once ingest has run
     return f"results/private/series/{wildcards.case}.txt"
-
-
-def case_series_id(wildcards):
-    return _lookup("series_id")[wildcards.case]
-
-
-def _lookup(column):
-    """case_id -> value of an inventory column, as a dict (one per inventory version)."""
-    path = checkpoints.ingest.get().output.parquet
-    return _column(path, os.path.getmtime(path), column)
-
-
-@lru_cache(maxsize=8)
-def _column(path, mtime, column):
-    inv = _inventory(path, mtime)
-    return dict(zip(inv.index, inv[column]))
 
 
 def converted(wildcards):
@@ -149,15 +147,37 @@ def case_batch(wildcards):
     return f"results/seg/batches/{batch_of(wildcards.case, segment_batches())}"
 
 
-def mask_seg_input(wildcards):
-    """mask's segmentation input: the case's label map, or its batch's folder."""
+def mask_inputs():
+    """mask's inputs, decided once at parse time (config only): the image, the case's label map
+    and names -- or with segment.batches its batch's folder -- and qc.reference's mask when
+    configured. Fixed patterns where possible: every input function is one more call per case
+    while the DAG is built (10,000 cases: bench/dag_scale.py)."""
+    inputs = {"image": "results/nifti/{case}.nii.gz"}
     if segment_batches():
-        return case_batch(wildcards)
-    return f"results/seg/{wildcards.case}.nii.gz"
+        inputs["seg"] = case_batch
+    else:
+        inputs["seg"] = "results/seg/{case}.nii.gz"
+        inputs["names"] = "results/seg/{case}.json"
+    if config["qc"].get("reference"):
+        inputs["reference"] = reference_mask
+    return inputs
 
 
-def mask_names_input(wildcards):
-    return [] if segment_batches() else [f"results/seg/{wildcards.case}.json"]
+def mask_params():
+    """mask's params: its settings, and with qc.reference the ``--reference`` flag (a case's
+    reference mask is optional: its file may not exist)."""
+    params = {"settings": as_json(without(config["mask"], "threads"))}
+    if config["qc"].get("reference"):
+        params["reference"] = lambda wc, input: opt("--reference", input.reference)
+    return params
+
+
+def mask_options():
+    """mask's optional command-line flags, fixed at parse time like mask_inputs()."""
+    flags = "--batch-dir {input.seg:q} " if segment_batches() else ""
+    if config["qc"].get("reference"):
+        flags += "{params.reference} "
+    return flags
 
 
 def batch_seg_outputs():
@@ -183,22 +203,15 @@ def batch_images(wildcards):
 
 
 def batch_priority(wildcards):
-    """Larger segmentation batches first (their conversions too): longest-job-first scheduling,
-    so the biggest batch does not start last and set the tail of the run."""
-    n = segment_batches()
-    if not n:
-        return 0
-    groups = batch_groups()
-    if "batch" in wildcards.keys():
-        return len(groups.get(int(wildcards.batch), []))
-    from radflow.segment import batch_of
-
-    return len(groups.get(batch_of(wildcards.case, n), []))
+    """Larger segmentation batches first: longest-job-first scheduling, so the biggest batch
+    does not start last and set the tail of the run. (Not on convert: a priority function is one
+    more call per case while the DAG is built, and a conversion takes seconds.)"""
+    return len(batch_groups().get(int(wildcards.batch), []))
 
 
 def batch_groups():
     """batch -> its cases, for the current inventory (after the ingest checkpoint)."""
-    path = checkpoints.ingest.get().output.parquet
+    path = ingest_output().parquet
     return _batches(path, os.path.getmtime(path), segment_batches())
 
 
@@ -224,7 +237,7 @@ def _id_map(path, mtime):
 
 def case_ids(case):
     """Pseudonyms and raw UIDs of a case (from the private id map) for path templates."""
-    path = checkpoints.ingest.get().output.id_map
+    path = ingest_output().id_map
     return _id_map(path, os.path.getmtime(path))[case]
 
 

@@ -1,7 +1,8 @@
 rule convert:
     input:
         # ancient: the edge from ingest without re-converting every case whenever the
-        # inventory is rewritten; the per-case file list is what triggers a conversion
+        # inventory is rewritten; the per-case file list is what triggers a conversion (the
+        # inventory gives the sidecar its series pseudonym, fixed by the case id and the salt)
         inventory=ancient("results/inventory/series.parquet"),
         files=case_filelist,
     output:
@@ -11,7 +12,6 @@ rule convert:
         "logs/convert/{case}.log",
     benchmark:
         "benchmarks/convert/{case}.tsv"
-    priority: batch_priority
     conda:
         "../../envs/convert.yaml"
     threads: config["convert"]["threads"]
@@ -19,11 +19,10 @@ rule convert:
         mem_mb=4000,
     params:
         settings=as_json(without(config["convert"], "threads")),
-        series_id=case_series_id,
     shell:
         "radflow convert {input.files:q} {output.nifti:q} --sidecar {output.sidecar:q} "
         "--settings {params.settings:q} --case-id {wildcards.case} "
-        "--series-id {params.series_id} --threads {threads} > {log} 2>&1"
+        "--inventory {input.inventory:q} --threads {threads} > {log} 2>&1"
 
 
 rule convert_all:

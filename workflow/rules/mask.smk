@@ -1,11 +1,8 @@
 rule mask:
     input:
-        image="results/nifti/{case}.nii.gz",
         # the label map, or with segment.batches its batch's folder (mask then places the
         # label map at results/seg/{case}.nii.gz itself, see batch_seg_outputs)
-        seg=mask_seg_input,
-        names=mask_names_input,
-        reference=reference_mask,
+        **mask_inputs(),
     output:
         **batch_seg_outputs(),
         masked="results/masked/{case}.nii.gz",
@@ -29,16 +26,12 @@ rule mask:
     resources:
         mem_mb=3000,
     params:
-        settings=as_json(without(config["mask"], "threads")),
-        reference=lambda wc, input: opt("--reference", input.reference),
-        seg=lambda wc: f"results/seg/{wc.case}.nii.gz",
-        batch=lambda wc, input: opt(
-            "--batch-dir", [input.seg] if segment_batches() else []
-        ),
+        **mask_params(),
     shell:
-        "radflow mask {input.image:q} {params.seg:q} {output.masked:q} {params.batch} "
-        "--roi-out {output.roi:q} --status {output.status:q} "
-        "--qc {output.qc:q} --seg-qc {output.seg_qc:q} {params.reference} "
+        "radflow mask {input.image:q} results/seg/{wildcards.case}.nii.gz {output.masked:q} "
+        + mask_options()
+        + "--roi-out {output.roi:q} --status {output.status:q} "
+        "--qc {output.qc:q} --seg-qc {output.seg_qc:q} "
         "--settings {params.settings:q} --case-id {wildcards.case} --threads {threads} "
         "> {log} 2>&1"
 
