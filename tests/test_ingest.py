@@ -108,15 +108,15 @@ def test_convert_reads_the_series_pseudonym_from_the_inventory(inventory, tmp_pa
     series_id is the inventory's, and a case the inventory lacks is a clear error."""
     import json
 
-    from radflow import cli
+    from radflow import cli, ids
 
     pub, res = inventory
     sel = pub[pub["selected"]].iloc[0]
-    parquet = res / "inventory" / "series.parquet"
-    assert ingest.series_id_of(parquet, sel["case_id"]) == sel["series_id"]
+    table = res / "inventory" / "series.csv"
+    assert ids.series_id_of(table, sel["case_id"]) == sel["series_id"]
     files = res / "private" / "series" / f"{sel['case_id']}.txt"
     out = tmp_path / "img.nii.gz"
-    argv = ["convert", str(files), str(out), "--inventory", str(parquet)]
+    argv = ["convert", str(files), str(out), "--inventory", str(table)]
     assert cli.main([*argv, "--case-id", sel["case_id"]]) == 0
     sidecar = json.loads((tmp_path / "img.json").read_text())
     assert sidecar["series_id"] == sel["series_id"] and sidecar["case_id"] == sel["case_id"]

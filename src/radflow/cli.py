@@ -75,14 +75,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert one series to RAS+ int16 NIfTI with a sidecar."""
-    from radflow import convert
+    from radflow import convert, ids
 
     settings = convert.ConvertSettings.from_dict(args.settings)
     series_id = args.series_id
     if args.inventory and not series_id:
-        from radflow.ingest import series_id_of
-
-        series_id = series_id_of(args.inventory, args.case_id)
+        series_id = ids.series_id_of(args.inventory, args.case_id)
     try:
         sc = convert.convert(
             args.source,
@@ -364,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--inventory",
         default=None,
-        help="or: the inventory (parquet) to read --case-id's series id from",
+        help="or: the inventory (series.csv) to read --case-id's series id from",
     )
     c.add_argument("--salt", default="", help="or: key to hash the source series UID with")
     c.add_argument("--series-uid", default=None, help="pick one series from a mixed folder")

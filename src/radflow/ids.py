@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
+import os
 import re
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -31,3 +33,13 @@ def sanitize(value: str, max_len: int = 64) -> str:
     """Make any string safe as a single path component (no separators, no dots-only names)."""
     cleaned = _SAFE.sub("_", str(value)).strip("_")[:max_len]
     return cleaned or "unnamed"
+
+
+def series_id_of(inventory_csv: str | os.PathLike, case_id: str) -> str:
+    """The series pseudonym of a selected case, from the public inventory's CSV. Read with the
+    csv module: a convert job pays no pandas import (half a second and 85 MB) for one value."""
+    with open(inventory_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["case_id"] == case_id:
+                return row["series_id"]
+    raise ValueError(f"case {case_id!r} is not in the inventory {inventory_csv}")

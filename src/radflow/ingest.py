@@ -605,16 +605,6 @@ def _write_rejected(
     write_table(private, private_dir / "rejected_files.csv")
 
 
-def series_id_of(inventory: str | os.PathLike, case_id: str) -> str:
-    """The pseudonymous series id of a selected case, from the public inventory (parquet)."""
-    inv = pd.read_parquet(
-        inventory, columns=["case_id", "series_id"], filters=[("case_id", "==", case_id)]
-    )
-    if inv.empty:
-        raise ValueError(f"case {case_id!r} is not in the inventory {inventory}")
-    return str(inv["series_id"].iloc[0])
-
-
 def _write_filelists(files: pd.DataFrame, series: pd.DataFrame, dest: Path) -> None:
     """One text file per selected case listing its readable instances (private: raw paths)."""
     dest.mkdir(parents=True, exist_ok=True)

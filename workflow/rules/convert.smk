@@ -3,7 +3,7 @@ rule convert:
         # ancient: the edge from ingest without re-converting every case whenever the
         # inventory is rewritten; the per-case file list is what triggers a conversion (the
         # inventory gives the sidecar its series pseudonym, fixed by the case id and the salt)
-        inventory=ancient("results/inventory/series.parquet"),
+        inventory=ancient("results/inventory/series.csv"),
         files=case_filelist,
     output:
         nifti="results/nifti/{case}.nii.gz",
