@@ -183,6 +183,8 @@ def main() -> int:
         help="an scontrol that fails at once first on PATH (see the module docstring)",
     )
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     root = Path(tempfile.mkdtemp(prefix="radflow-dag-"))
     env = None
     if args.stub_scontrol:

@@ -2,7 +2,7 @@
 # Runs the real radflow workflow through a real, single-node SLURM cluster on this machine:
 # installs Debian's slurm-wlm and munge (apt) if missing, starts munged, slurmctld and slurmd
 # for localhost, runs snakemake --profile profiles/slurm on a small demo cohort from ingest to
-# evaluate and explain (the demo's batched segmentation), then once more up to the masked
+# evaluate and explain with batched segmentation as in the demo (3 batches for 13 cases), then once more up to the masked
 # volumes with a segment job per case (segment.batches: 0), and checks the outputs and that
 # every job went through SLURM, per-case rules as job arrays.
 #
@@ -21,7 +21,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${RADFLOW_SLURM_WORK:-/tmp/radflow-slurm-test}
 STATE=$WORK/slurm               # daemon state, pid files, logs, job completion records
-RUN=$WORK/run                   # the workflow's working directory (-d): the demo's config
+RUN=$WORK/run                   # the workflow's working directory (-d): batched segmentation
 RUN_CASE=$WORK/run-per-case     # the same cohort with a segment job per case, up to mask
 COHORT=$WORK/cohort
 CONF=/etc/slurm/slurm.conf
@@ -170,7 +170,7 @@ cfg["segment"]["weights_dir"] = f"{repo}/resources/totalseg_phantom"
 cfg["qc"]["reference"] = f"{cohort}/ground_truth/{{StudyInstanceUID}}/organs.nii.gz"
 # no GPU on this cluster: device cpu makes segment, train, evaluate and explain declare gpu=0
 cfg["segment"]["device"] = "cpu"
-# segment.batches: the demo's batched segmentation (a job per batch), or 0: a job per case
+# segment.batches: batched segmentation as in the demo (a job per batch), or 0: a job per case
 cfg["segment"]["batches"] = int(batches)
 cfg["explain"].update(
     device="cpu", lesion_reference=f"{cohort}/ground_truth/{{StudyInstanceUID}}/lesion.nii.gz"
@@ -275,8 +275,8 @@ salt_only_in_config() {  # the salt is in the config (the search works) and in n
         ! grep -rlF -- "$SALT" "$dir/.snakemake/slurm_logs" "$dir/logs" "$out"
 }
 
-# 1. The demo's configuration, segmentation in batches, from ingest to explain.
-log "snakemake --profile profiles/slurm (through SLURM): the demo's config, batched segmentation"
+# 1. Segmentation in batches, as in the demo (3 for 13 cases), from ingest to explain.
+log "snakemake --profile profiles/slurm (through SLURM): batched segmentation (3 batches)"
 write_config "$RUN" 3
 workflow "$RUN" "$WORK/snakemake.log"
 job_table "$RUN" >"$WORK/jobs.txt"
@@ -345,7 +345,7 @@ check "no SLURM log, job log or snakemake output carries the salt" \
     salt_only_in_config "$RUN_CASE" "$WORK/snakemake-per-case.log"
 
 echo
-echo "wall time through SLURM: ${wall_batched}s for the demo's workflow ($njobs SLURM jobs)," \
+echo "wall time through SLURM: ${wall_batched}s for the whole workflow with batched segmentation ($njobs SLURM jobs)," \
     "${wall}s up to mask with a segment job per case ($(wc -l <"$WORK/jobs-per-case.txt") jobs)"
 echo "slurm-test: $passed passed, $failed failed"
 (( failed == 0 ))

@@ -123,6 +123,8 @@ def test_convert_reads_the_series_pseudonym_from_the_inventory(inventory, tmp_pa
     assert cli.main([*argv, "--case-id", "case-000000000000"]) == 2
     err = capsys.readouterr().err
     assert "case-000000000000" in err and "not in the inventory" in err
+    assert cli.main(argv) == 2  # no --case-id: refused, not the first rejected series' id
+    assert "a case id is needed" in capsys.readouterr().err
 
 
 def _row(**kw):

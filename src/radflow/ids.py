@@ -38,6 +38,8 @@ def sanitize(value: str, max_len: int = 64) -> str:
 def series_id_of(inventory_csv: str | os.PathLike, case_id: str) -> str:
     """The series pseudonym of a selected case, from the public inventory's CSV. Read with the
     csv module: a convert job pays no pandas import (half a second and 85 MB) for one value."""
+    if not case_id:  # rejected series have an empty case_id: never match one of them
+        raise ValueError(f"a case id is needed to look its series up in {inventory_csv}")
     with open(inventory_csv, newline="") as fh:
         for row in csv.DictReader(fh):
             if row["case_id"] == case_id:

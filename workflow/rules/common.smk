@@ -77,7 +77,7 @@ def ingest_output():
 
 @lru_cache(maxsize=4)
 def _inventory(path, mtime):
-    cols = ["case_id", "series_id", "selected"]
+    cols = ["case_id", "selected"]
     df = pd.read_parquet(path, columns=cols)
     return df[df["selected"]].set_index("case_id")
 
