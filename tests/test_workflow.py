@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import nibabel as nib
@@ -30,7 +31,8 @@ def _workdir(tmp: Path, cohort: Path, **convert) -> Path:
     cfg["labels"]["path"] = str(cohort / "labels.csv")
     cfg["ids"]["salt"] = SALT
     cfg["ingest"]["threads"] = 2
-    cfg["convert"].update({"threads": 1, "spacing_mm": [4.0, 4.0, 4.0], **convert})
+    # convert.threads as config.yaml has it: test_segmentation_batches_run_side_by_side
+    cfg["convert"].update({"spacing_mm": [4.0, 4.0, 4.0], **convert})
     cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
     cfg["segment"]["device"] = "cpu"
     cfg["qc"]["reference"] = str(cohort / "ground_truth" / "{StudyInstanceUID}" / "organs.nii.gz")
@@ -94,6 +96,33 @@ def test_workflow_runs_ingest_and_convert(run):  # and segment and mask
         masked_img = nib.load(work / f"results/masked/{cid}.nii.gz")
         assert masked_img.shape == (32, 32, 32) and masked_img.get_data_dtype() == "int16"
         assert (work / f"results/qc/{cid}.png").stat().st_size > 1000
+
+
+def _job_spans(work: Path, rule: str) -> list[tuple[datetime, datetime]]:
+    """(start, end) of every ``rule`` job in the run's Snakemake log (1 s resolution)."""
+    (log,) = sorted((work / ".snakemake" / "log").glob("*.snakemake.log"))[:1]
+    stamp, starts, spans, current = None, {}, [], None
+    for line in log.read_text().splitlines():
+        if m := re.fullmatch(r"\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]", line):
+            stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+        elif m := re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", line):
+            current = m.group(1)
+        elif (m := re.match(r"\s+jobid: (\d+)", line)) and current == rule:
+            starts[m.group(1)] = stamp
+        elif (m := re.match(r"Finished jobid: (\d+)", line)) and m.group(1) in starts:
+            spans.append((starts.pop(m.group(1)), stamp))
+    return spans
+
+
+def test_segmentation_batches_run_side_by_side(run):
+    """On 2 cores the 1-thread segmentation batches run two at a time. With convert.threads 2 no
+    conversion could start while a batch held one core, so the next batch (which waits for its
+    conversions) never became ready in time: in the demo the batches ran one after another."""
+    work, proc, _ = run
+    assert proc.returncode == 0
+    spans = sorted(_job_spans(work, "segment_batch"))
+    assert len(spans) >= 2, spans
+    assert any(b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :]), spans
 
 
 def test_training_and_evaluation_ran(run):
