@@ -15,6 +15,13 @@ Printed per N: wall time of both, peak RSS of the snakemake process, the job cou
 number of sbatch calls on SLURM one job at a time and with the per-case rules submitted as job
 arrays (profiles/slurm; a lower bound, see ``array_submissions``).
 
+The peer, measured in the same run on the same inventory: a bare Snakefile (``PEER_SNAKEFILE``)
+with the same DAG -- the ingest checkpoint, a conversion and a mask per case, the same
+segmentation batches -- and nothing else: no logs, benchmarks, params, resources or report
+flags, one input and one output a job. Its times are Snakemake's own floor for this many jobs
+on this machine; radflow / peer is what radflow's rules add, and it does not move with the
+speed of the (shared, virtual) machine as the seconds do.
+
     python bench/dag_scale.py --cases 1000 10000
     python bench/dag_scale.py --cases 1000 10000 --stub-scontrol
     python bench/dag_scale.py --cases 1000 10000 --stub-scontrol --repeat 3
@@ -88,25 +95,103 @@ def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
     id_map.to_csv(priv / "id_map.csv", index=False)
     for h in ids:
         (priv / "series" / f"case-{h}.txt").write_text(f"{raw}/{h}.dcm\n")
+    (work / "peer.smk").write_text(PEER_SNAKEFILE.format(batches=cfg["segment"]["batches"]))
     return work
 
 
+# The peer: the DAG radflow builds, written as plainly as Snakemake allows. It reads the same
+# inventory and per-case file lists as radflow's rules (make_workdir) and writes under peer/.
+PEER_SNAKEFILE = """
+import csv
+
+BATCHES = {batches}
+_groups = {{}}
+
+
+def batch(case):
+    return int(case.removeprefix("case-"), 16) % BATCHES
+
+
+def groups():
+    if not _groups:
+        with open(checkpoints.ingest.get().output[0]) as f:
+            for row in csv.DictReader(f):
+                if row["selected"] == "True":
+                    _groups.setdefault(batch(row["case_id"]), []).append(row["case_id"])
+    return _groups
+
+
+rule all:
+    input:
+        lambda wc: expand("peer/masked/{{case}}.nii.gz", case=sum(groups().values(), [])),
+
+
+checkpoint ingest:
+    input:
+        "raw",
+    output:
+        "results/inventory/series.csv",
+    shell:
+        "touch {{output}}"
+
+
+rule convert:
+    input:
+        "results/private/series/{{case}}.txt",
+    output:
+        "peer/nifti/{{case}}.nii.gz",
+    shell:
+        "touch {{output}}"
+
+
+rule segment_batch:
+    input:
+        lambda wc: expand("peer/nifti/{{case}}.nii.gz", case=groups()[int(wc.batch)]),
+    output:
+        directory("peer/seg/{{batch}}"),
+    shell:
+        "mkdir -p {{output}}"
+
+
+rule mask:
+    input:
+        image="peer/nifti/{{case}}.nii.gz",
+        seg=lambda wc: f"peer/seg/{{batch(wc.case)}}",
+    output:
+        "peer/masked/{{case}}.nii.gz",
+    shell:
+        "touch {{output}}"
+"""
+
+
 def dry_run(
-    work: Path, extra: list[str], env: dict[str, str] | None = None, listing: bool = True
+    work: Path,
+    extra: list[str],
+    env: dict[str, str] | None = None,
+    listing: bool = True,
+    peer: bool = False,
 ) -> dict[str, float | int]:
     """``snakemake -n`` in ``work``: seconds, peak RSS (MiB) and, with ``listing`` (every job
-    formatted, the job table printed), jobs per rule; without, the DAG is built and no more."""
+    formatted, the job table printed), jobs per rule; without, the DAG is built and no more.
+    With ``peer``, of the bare Snakefile (PEER_SNAKEFILE) instead of radflow's."""
+    snakefile = (
+        ["--snakefile", str(work / "peer.smk")]
+        if peer
+        else [
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--configfile",
+            str(work / "config.yaml"),
+        ]
+    )
     cmd = [
         sys.executable,
         "-m",
         "snakemake",
         "-n",
-        "--snakefile",
-        str(REPO / "Snakefile"),
+        *snakefile,
         "--directory",
         str(work),
-        "--configfile",
-        str(work / "config.yaml"),
         "--cores",
         "2",
         *(["--quiet", "rules"] if listing else ["--quiet"]),
@@ -197,19 +282,26 @@ def main() -> int:
     try:
         for n in args.cases:
             work = make_workdir(root, n, args.cases_per_batch)
-            plans, listings = [], []
-            for _ in range(args.repeat):
-                plans.append(dry_run(work, [], env, listing=False))
-                listings.append(dry_run(work, [], env, listing=True))
-            r = {
-                "cases": n,
-                "plan_seconds": min(x["seconds"] for x in plans),
-                "listing_seconds": min(x["seconds"] for x in listings),
-                "all_plan_seconds": [round(x["seconds"], 1) for x in plans],
-                "all_listing_seconds": [round(x["seconds"], 1) for x in listings],
-                "peak_mib": max(x["peak_mib"] for x in plans + listings),
-                "jobs": listings[0]["jobs"],
+            runs: dict[str, list] = {
+                k: [] for k in ("plan", "listing", "peer_plan", "peer_listing")
             }
+            for _ in range(args.repeat):  # interleaved: a slow spell of the machine hits both
+                for peer in (False, True):
+                    for listing in (False, True):
+                        key = ("peer_" if peer else "") + ("listing" if listing else "plan")
+                        runs[key].append(dry_run(work, [], env, listing=listing, peer=peer))
+            r = {"cases": n}
+            for key, xs in runs.items():
+                r[f"{key}_seconds"] = min(x["seconds"] for x in xs)
+                r[f"all_{key}_seconds"] = [round(x["seconds"], 1) for x in xs]
+            r["peak_mib"] = max(x["peak_mib"] for x in runs["plan"] + runs["listing"])
+            r["peer_peak_mib"] = max(
+                x["peak_mib"] for x in runs["peer_plan"] + runs["peer_listing"]
+            )
+            r["jobs"] = runs["listing"][0]["jobs"]
+            r["peer_jobs"] = runs["peer_listing"][0]["jobs"]
+            r["plan_vs_peer"] = r["plan_seconds"] / r["peer_plan_seconds"]
+            r["listing_vs_peer"] = r["listing_seconds"] / r["peer_listing_seconds"]
             local = sum(r["jobs"].get(k, 0) for k in LOCAL_RULES)
             r["sbatch_plain"] = r["jobs"].get("total", 0) - local
             r["sbatch_arrays"] = array_submissions(r["jobs"], args.array_limit)
@@ -226,6 +318,15 @@ def main() -> int:
                 f"at least {r['sbatch_arrays']} with per-case job arrays of {args.array_limit}",
                 flush=True,
             )
+            print(
+                f"{'':>6}        peer (bare Snakefile, {r['peer_jobs'].get('total', 0)} jobs): "
+                f"plan {r['peer_plan_seconds']:6.1f} s, "
+                f"listing {r['peer_listing_seconds']:6.1f} s, "
+                f"peak RSS {r['peer_peak_mib']:.0f} MiB; radflow / peer: plan "
+                f"{r['plan_vs_peer']:.2f}x, listing {r['listing_vs_peer']:.2f}x, memory "
+                f"{r['peak_mib'] / r['peer_peak_mib']:.2f}x",
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
         if len(results) > 1:
@@ -235,7 +336,9 @@ def main() -> int:
                 f"for {scale:.0f}x the cases: plan time "
                 f"{b['plan_seconds'] / a['plan_seconds']:.1f}x, listing time "
                 f"{b['listing_seconds'] / a['listing_seconds']:.1f}x, memory "
-                f"{b['peak_mib'] / a['peak_mib']:.1f}x (targets at 10,000: <= 60 s, <= 2048 MiB)"
+                f"{b['peak_mib'] / a['peak_mib']:.1f}x (targets at 10,000: <= 60 s, <= 2048 MiB); "
+                f"the peer: plan {b['peer_plan_seconds'] / a['peer_plan_seconds']:.1f}x, listing "
+                f"{b['peer_listing_seconds'] / a['peer_listing_seconds']:.1f}x"
             )
         print(json.dumps(results))
     finally:

@@ -64,6 +64,12 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     # one per aggregate rule
     assert r["sbatch_arrays"] == 2 + 2 + 2 + singles
     assert r["sbatch_plain"] == 7 + 6 + 7 + singles
+    # the peer (a bare Snakefile) plans the same per-case jobs and batches, and its dry runs
+    # read the same checkpoint (dry_run raises otherwise)
+    peer = r["peer_jobs"]
+    assert {k: peer[k] for k in ("convert", "segment_batch", "mask")} == {
+        k: jobs[k] for k in ("convert", "segment_batch", "mask")
+    }
 
 
 def test_largest_segmentation_batch_goes_first(tmp_path):
