@@ -16,11 +16,13 @@ number of sbatch calls on SLURM one job at a time and with the per-case rules su
 arrays (profiles/slurm; a lower bound, see ``array_submissions``).
 
 The peer, measured in the same run on the same inventory: a bare Snakefile (``PEER_SNAKEFILE``)
-with the same DAG -- the ingest checkpoint, a conversion and a mask per case, the same
+with the same jobs -- the ingest checkpoint, a conversion and a mask per case, the same
 segmentation batches -- and nothing else: no logs, benchmarks, params, resources or report
-flags, one input and one output a job. Its times are Snakemake's own floor for this many jobs
-on this machine; radflow / peer is what radflow's rules add, and it does not move with the
-speed of the (shared, virtual) machine as the seconds do.
+flags, one output a job, file patterns where radflow's convert has an input function and an
+edge to the inventory, and ``all`` asking for the masks directly rather than through the
+aggregate rules. Its times are Snakemake's own floor for this many jobs on this machine;
+radflow / peer is what radflow's rules add, and it moves less with the speed of the (shared,
+virtual) machine than the seconds do.
 
     python bench/dag_scale.py --cases 1000 10000
     python bench/dag_scale.py --cases 1000 10000 --stub-scontrol

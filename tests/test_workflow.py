@@ -107,6 +107,8 @@ def _job_spans(work: Path, rule: str) -> list[tuple[datetime, datetime]]:
             stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
         elif m := re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", line):
             current = m.group(1)
+        elif line and not line[0].isspace():  # any other block (an error's, say) ends the job's
+            current = None
         elif (m := re.match(r"\s+jobid: (\d+)", line)) and current == rule:
             starts[m.group(1)] = stamp
         elif (m := re.match(r"Finished jobid: (\d+)", line)) and m.group(1) in starts:
@@ -119,7 +121,7 @@ def test_segmentation_batches_run_side_by_side(run):
     conversion could start while a batch held one core, so the next batch (which waits for its
     conversions) never became ready in time: in the demo the batches ran one after another."""
     work, proc, _ = run
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr[-3000:]
     spans = sorted(_job_spans(work, "segment_batch"))
     assert len(spans) >= 2, spans
     assert any(b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :]), spans
