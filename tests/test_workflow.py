@@ -107,12 +107,13 @@ def _job_spans(work: Path, rule: str) -> list[tuple[datetime, datetime]]:
             stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
         elif m := re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", line):
             current = m.group(1)
+        elif m := re.match(r"Finished jobid: (\d+)", line):
+            if m.group(1) in starts:
+                spans.append((starts.pop(m.group(1)), stamp))
         elif line and not line[0].isspace():  # any other block (an error's, say) ends the job's
             current = None
         elif (m := re.match(r"\s+jobid: (\d+)", line)) and current == rule:
             starts[m.group(1)] = stamp
-        elif (m := re.match(r"Finished jobid: (\d+)", line)) and m.group(1) in starts:
-            spans.append((starts.pop(m.group(1)), stamp))
     return spans
 
 
