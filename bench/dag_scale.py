@@ -110,7 +110,7 @@ BATCHES = {batches}
 _groups = {{}}
 
 
-def batch(case):
+def batch(case):  # radflow.segment.batch_of, not imported: its module loads nibabel and numpy
     return int(case.removeprefix("case-"), 16) % BATCHES
 
 
@@ -125,7 +125,7 @@ def groups():
 
 rule all:
     input:
-        lambda wc: expand("peer/masked/{{case}}.nii.gz", case=sum(groups().values(), [])),
+        lambda wc: [f"peer/masked/{{c}}.nii.gz" for g in groups().values() for c in g],
 
 
 checkpoint ingest:

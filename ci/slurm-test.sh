@@ -2,9 +2,9 @@
 # Runs the real radflow workflow through a real, single-node SLURM cluster on this machine:
 # installs Debian's slurm-wlm and munge (apt) if missing, starts munged, slurmctld and slurmd
 # for localhost, runs snakemake --profile profiles/slurm on a small demo cohort from ingest to
-# evaluate and explain with batched segmentation as in the demo (3 batches for 13 cases), then once more up to the masked
-# volumes with a segment job per case (segment.batches: 0), and checks the outputs and that
-# every job went through SLURM, per-case rules as job arrays.
+# evaluate and explain with batched segmentation as in the demo (3 batches for 13 cases), then
+# once more up to the masked volumes with a segment job per case (segment.batches: 0), and
+# checks the outputs and that every job went through SLURM, per-case rules as job arrays.
 #
 # Needs root on a throwaway Debian 12 machine (CI, a VM, a container): it writes
 # /etc/slurm/slurm.conf (refusing to replace one it did not write) and starts daemons.
