@@ -4,7 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
+# config.yaml's segment.batches: the bench's workdirs use it with --cases-per-batch 0
+BATCHES = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["segment"]["batches"]
 
 
 def test_convert_bench_small_matches_dcm2niix(tmp_path):
@@ -57,13 +61,14 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     # to have read the ingest checkpoint
     assert len(r["all_plan_seconds"]) == len(r["all_listing_seconds"]) == 1
     assert jobs["convert"] == jobs["mask"] == 7
-    assert jobs["segment_batch"] == 6  # config.yaml's segment.batches
+    assert 2 <= BATCHES <= 7  # every batch gets a case (case i goes to batch i mod BATCHES)
+    assert jobs["segment_batch"] == BATCHES
     assert "segment" not in jobs  # batched: mask takes each label map out of its batch
     singles = jobs["total"] - 14 - jobs["segment_batch"] - jobs["all"]
-    # arrays of 4: 2 sbatch calls each for convert, the 6 segmentation batches and mask, plus
-    # one per aggregate rule
-    assert r["sbatch_arrays"] == 2 + 2 + 2 + singles
-    assert r["sbatch_plain"] == 7 + 6 + 7 + singles
+    # arrays of 4: 2 sbatch calls each for convert and mask, one per 4 segmentation batches,
+    # plus one per aggregate rule
+    assert r["sbatch_arrays"] == 2 + -(-BATCHES // 4) + 2 + singles
+    assert r["sbatch_plain"] == 7 + BATCHES + 7 + singles
     # the peer (a bare Snakefile) plans the same per-case jobs and batches, and its dry runs
     # read the same checkpoint (dry_run raises otherwise)
     peer = r["peer_jobs"]
@@ -93,7 +98,7 @@ def test_largest_segmentation_batch_goes_first(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     sizes: dict[int, int] = {}
     for i in range(23):
-        b = batch_of(f"case-{i:012x}", 6)
+        b = batch_of(f"case-{i:012x}", BATCHES)
         sizes[b] = sizes.get(b, 0) + 1
     assert len(set(sizes.values())) > 1  # uneven batches, or the test proves nothing
     seen = {"convert": 0, "segment_batch": 0}
