@@ -114,3 +114,19 @@ def test_largest_segmentation_batch_goes_first(tmp_path):
         assert (int(prio.group(1)) if prio else 0) == want, block  # 0 is not printed
         seen[rule.group(1)] += 1
     assert seen == {"convert": 23, "segment_batch": len(sizes)}
+
+
+def test_model_reuse_bench_runs():
+    """The model-reuse bench stays runnable and prints both modes (its figures are for the
+    README; that a batch loads each model once is tested in test_segment by counting loads)."""
+    import re
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "model_reuse.py"), "--images", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert re.search(r"after the first: fresh [\d.]+ s, kept [\d.]+ s", out.stdout), out.stdout
+    assert re.search(r"checkpoint \d+ MiB, [\d.]+ M parameters", out.stdout), out.stdout

@@ -190,3 +190,37 @@ def test_batches_depend_on_the_case_alone_and_are_balanced():
     sizes = np.bincount([segment.batch_of(c, 4) for c in cases], minlength=4)
     assert sizes.sum() == 400 and sizes.min() >= 70, sizes  # pseudonyms are hashes: even
     assert segment.batch_of("case-00000000000a", 4) == 10 % 4
+
+
+def test_a_batch_loads_each_model_once_with_identical_labels(tmp_path, monkeypatch):
+    """TotalSegmentator builds a new nnU-Net predictor per image; in one process the model's
+    checkpoint is read and its network built once (reuse_loaded_models), and the labels of a
+    case segmented with the kept model equal those of a fresh load."""
+    import torch
+
+    loads = []
+    original = torch.load
+
+    def counting(f, *args, **kwargs):
+        loads.append(Path(str(f)).name)
+        return original(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting)
+    nifti = tmp_path / "nifti"
+    nifti.mkdir()
+    for name, seed in (("case-00000000000a", 21), ("case-00000000000b", 22)):
+        _phantom_image(tmp_path, seed=seed)
+        (tmp_path / "ct.nii.gz").rename(nifti / f"{name}.nii.gz")
+    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
+    monkeypatch.setattr(segment, "_LOADED_MODELS", {})
+    images = [nifti / "case-00000000000a.nii.gz", nifti / "case-00000000000b.nii.gz"]
+    summary = segment.run_batch(images, tmp_path / "batch", settings, threads=2)
+    assert len(summary["segmented"]) == 2
+    assert loads.count("checkpoint_final.pth") == 1, loads  # one model (total, fast), once
+    # case b alone, the model loaded afresh: the same labels as with the kept model
+    monkeypatch.setattr(segment, "_LOADED_MODELS", {})
+    segment.run(images[1], tmp_path / "alone.nii.gz", settings, threads=2)
+    assert loads.count("checkpoint_final.pth") == 2
+    kept = np.asanyarray(nib.load(tmp_path / "batch" / "case-00000000000b.nii.gz").dataobj)
+    fresh = np.asanyarray(nib.load(tmp_path / "alone.nii.gz").dataobj)
+    assert (kept == fresh).all() and (kept == 5).sum() > 1000  # liver present, voxel for voxel

@@ -13,6 +13,8 @@ Throughput: nnU-Net's ``predict_from_files`` starts a fork pool, a manager, a sp
 preprocessing worker and a spawned export pool on every call -- most of a small model's run
 time. For one image that buys nothing, so the call is routed to nnU-Net's own in-process
 ``predict_from_files_sequential`` (bit-identical output). Torch threads stay within the job's.
+Each model is loaded once per process (``reuse_loaded_models``), not once per image, so a
+batch (``run_batch``) reads its checkpoints and builds its network once.
 """
 
 from __future__ import annotations
@@ -205,6 +207,63 @@ def use_sequential_prediction() -> None:
     _SEQUENTIAL_PATCHED = True
 
 
+_LOADED_MODELS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_REUSE_PATCHED = False
+
+
+def reuse_loaded_models() -> None:
+    """Load each nnU-Net model once per process instead of once per image.
+
+    TotalSegmentator builds a fresh ``nnUNetPredictor`` for every image and
+    ``initialize_from_trained_model_folder`` then reads every fold's checkpoint from disk, finds
+    the trainer class by walking nnU-Net's packages and builds the network again. In a batch
+    process (``radflow segment-batch``) all of that is the same work for every case. The first
+    call per model folder does it and keeps the result; later calls hand the same network,
+    plans and weights to ``manual_initialization``, nnU-Net's own entry for an already built
+    network (it loads the kept weights into the network before every prediction, so the output
+    is bit-identical). A checkpoint whose size or modification time changed is loaded anew.
+    """
+    global _REUSE_PATCHED
+    if _REUSE_PATCHED:
+        return
+    import importlib
+
+    importlib.import_module("totalsegmentator.nnunet")  # its runtime patches come first
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    load = nnUNetPredictor.initialize_from_trained_model_folder
+
+    def initialize_from_trained_model_folder(
+        self: Any,
+        model_training_output_dir: str,
+        use_folds: Any,
+        checkpoint_name: str = "checkpoint_final.pth",
+    ) -> None:
+        folder = Path(model_training_output_dir).resolve()
+        stamps = tuple(
+            (str(p), p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(folder.glob(f"fold_*/{checkpoint_name}"))
+        )
+        folds = use_folds if use_folds is None or isinstance(use_folds, str) else tuple(use_folds)
+        key = (str(folder), folds, checkpoint_name, stamps)
+        if key not in _LOADED_MODELS:
+            load(self, model_training_output_dir, use_folds, checkpoint_name)
+            _LOADED_MODELS[key] = (
+                self.network,
+                self.plans_manager,
+                self.configuration_manager,
+                self.list_of_parameters,
+                self.dataset_json,
+                self.trainer_name,
+                self.allowed_mirroring_axes,
+            )
+            return
+        self.manual_initialization(*_LOADED_MODELS[key])
+
+    nnUNetPredictor.initialize_from_trained_model_folder = initialize_from_trained_model_folder
+    _REUSE_PATCHED = True
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``gpu`` when torch sees CUDA, else ``cpu``; other values pass through."""
     if device != "auto":
@@ -224,6 +283,7 @@ def run_totalsegmentator(
 
         if settings.sequential:
             use_sequential_prediction()
+        reuse_loaded_models()
         seg = totalsegmentator(
             img,
             None,

@@ -1,0 +1,114 @@
+"""What a batch saves by loading each nnU-Net model once: model initialisation per image, fresh
+(TotalSegmentator's way: a new predictor reads the checkpoint and builds the network for every
+image) and kept (``radflow.segment.reuse_loaded_models``), in the same run.
+
+The shipped phantom model is 1.5 MB, so its load is too small to see. This bench writes a
+checkpoint of realistic size instead: the phantom's plans widened to 6 stages of 32-320
+features (nnU-Net's 3d_fullres defaults), random weights plus SGD momentum buffers (a trained
+nnU-Net checkpoint keeps its optimizer state too). Timing only: the weights are random.
+
+    python bench/model_reuse.py --images 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PHANTOM = REPO / "resources" / "totalseg_phantom"
+
+
+def write_model(root: Path) -> Path:
+    """The phantom model folder with a full-size 3d_fullres network; returns the trainer folder."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    shutil.copytree(PHANTOM, root, dirs_exist_ok=True)
+    folder = next(root.glob("Dataset297*/nnUNet*"))
+    plans = json.loads((folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch.update(
+        n_stages=6,
+        features_per_stage=[32, 64, 128, 256, 320, 320],
+        kernel_sizes=[[3, 3, 3]] * 6,
+        strides=[[1, 1, 1]] + [[2, 2, 2]] * 5,
+        n_conv_per_stage=[2] * 6,
+        n_conv_per_stage_decoder=[2] * 5,
+    )
+    (folder / "plans.json").write_text(json.dumps(plans))
+    n_out = len(json.loads((folder / "dataset.json").read_text())["labels"])
+    net = PlainConvUNet(
+        input_channels=1,
+        n_stages=6,
+        features_per_stage=arch["features_per_stage"],
+        conv_op=torch.nn.Conv3d,
+        kernel_sizes=arch["kernel_sizes"],
+        strides=arch["strides"],
+        n_conv_per_stage=arch["n_conv_per_stage"],
+        num_classes=n_out,
+        n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"],
+        conv_bias=True,
+        norm_op=torch.nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    )
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    ck = torch.load(path, weights_only=False)  # the phantom's: trainer name, init args, ...
+    weights = net.state_dict()
+    ck["network_weights"] = weights
+    ck["optimizer_state"] = {
+        "state": {i: {"momentum_buffer": v.clone()} for i, v in enumerate(weights.values())}
+    }
+    torch.save(ck, path)
+    return folder
+
+
+def initialise(folder: Path, n: int) -> list[float]:
+    """Seconds of ``initialize_from_trained_model_folder`` for ``n`` new predictors in a row."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    times = []
+    for _ in range(n):
+        p = nnUNetPredictor(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+        t0 = time.perf_counter()
+        p.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=5, help="predictors (images) per mode")
+    args = ap.parse_args()
+    import totalsegmentator.nnunet  # noqa: F401  (its runtime patches, as in a real run)
+
+    from radflow import segment
+
+    with tempfile.TemporaryDirectory(prefix="radflow-reuse-") as tmp:
+        folder = write_model(Path(tmp))
+        ck = folder / "fold_0" / "checkpoint_final.pth"
+        params = sum(
+            v.numel() for v in torch.load(ck, weights_only=False)["network_weights"].values()
+        )
+        fresh = initialise(folder, args.images)
+        segment.reuse_loaded_models()
+        kept = initialise(folder, args.images)
+        print(f"checkpoint {ck.stat().st_size / 2**20:.0f} MiB, {params / 1e6:.1f} M parameters")
+    for name, t in (("fresh (TotalSegmentator)", fresh), ("kept (radflow)", kept)):
+        print(f"{name:>24}: {', '.join(f'{x:.3f}' for x in t)} s; {sum(t):.2f} s in all")
+    print(
+        f"per image after the first: fresh {sum(fresh[1:]) / max(1, len(fresh) - 1):.3f} s, "
+        f"kept {sum(kept[1:]) / max(1, len(kept) - 1):.3f} s; "
+        f"ratio kept / fresh over {args.images} images: {sum(kept) / sum(fresh):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
