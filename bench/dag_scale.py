@@ -59,7 +59,7 @@ ARRAY_RULES = ("convert", "segment", "segment_batch", "mask")  # profiles/slurm
 
 def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
     """A scratch project whose ingest checkpoint already lists ``n`` selected cases; with
-    ``per_batch``, segment.batches = n / per_batch (else config.yaml's, the demo's 6)."""
+    ``per_batch``, segment.batches = n / per_batch (else config.yaml's, the demo's 2)."""
     work = root / f"cases{n}"
     raw = work / "raw"
     raw.mkdir(parents=True)
@@ -260,7 +260,7 @@ def main() -> int:
         "--cases-per-batch",
         type=int,
         default=100,
-        help="segment.batches = cases / this (0: config.yaml's batches, the demo's 6). Snakemake "
+        help="segment.batches = cases / this (0: config.yaml's batches, the demo's 2). Snakemake "
         "checks every job that needs a batch's folder against that batch's whole input list, so "
         "a few huge batches cost O(cases^2 / batches) at DAG time",
     )

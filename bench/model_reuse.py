@@ -8,6 +8,7 @@ features (nnU-Net's 3d_fullres defaults), random weights plus SGD momentum buffe
 nnU-Net checkpoint keeps its optimizer state too). Timing only: the weights are random.
 
     python bench/model_reuse.py --images 5
+    python bench/model_reuse.py --images 2 --max-features 64   (small: the test's smoke run)
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 PHANTOM = REPO / "resources" / "totalseg_phantom"
 
 
-def write_model(root: Path) -> Path:
-    """The phantom model folder with a full-size 3d_fullres network; returns the trainer folder."""
+def write_model(root: Path, max_features: int = 320) -> tuple[Path, int]:
+    """The phantom model folder with a 6-stage 3d_fullres network (features capped at
+    ``max_features``); returns the trainer folder and the network's parameter count."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     shutil.copytree(PHANTOM, root, dirs_exist_ok=True)
@@ -35,7 +37,7 @@ def write_model(root: Path) -> Path:
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     arch.update(
         n_stages=6,
-        features_per_stage=[32, 64, 128, 256, 320, 320],
+        features_per_stage=[min(f, max_features) for f in (32, 64, 128, 256, 320, 320)],
         kernel_sizes=[[3, 3, 3]] * 6,
         strides=[[1, 1, 1]] + [[2, 2, 2]] * 5,
         n_conv_per_stage=[2] * 6,
@@ -61,13 +63,13 @@ def write_model(root: Path) -> Path:
     )
     path = folder / "fold_0" / "checkpoint_final.pth"
     ck = torch.load(path, weights_only=False)  # the phantom's: trainer name, init args, ...
-    weights = net.state_dict()
-    ck["network_weights"] = weights
-    ck["optimizer_state"] = {
-        "state": {i: {"momentum_buffer": v.clone()} for i, v in enumerate(weights.values())}
+    params = list(net.parameters())
+    ck["network_weights"] = net.state_dict()  # some tensors under two names, stored once
+    ck["optimizer_state"] = {  # SGD with momentum, as nnU-Net trains: one buffer a parameter
+        "state": {i: {"momentum_buffer": p.detach().clone()} for i, p in enumerate(params)}
     }
     torch.save(ck, path)
-    return folder
+    return folder, sum(p.numel() for p in params)
 
 
 def initialise(folder: Path, n: int) -> list[float]:
@@ -86,17 +88,20 @@ def initialise(folder: Path, n: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=5, help="predictors (images) per mode")
+    ap.add_argument(
+        "--max-features",
+        type=int,
+        default=320,
+        help="cap on the features per stage (320: nnU-Net's default network)",
+    )
     args = ap.parse_args()
     import totalsegmentator.nnunet  # noqa: F401  (its runtime patches, as in a real run)
 
     from radflow import segment
 
     with tempfile.TemporaryDirectory(prefix="radflow-reuse-") as tmp:
-        folder = write_model(Path(tmp))
+        folder, params = write_model(Path(tmp), args.max_features)
         ck = folder / "fold_0" / "checkpoint_final.pth"
-        params = sum(
-            v.numel() for v in torch.load(ck, weights_only=False)["network_weights"].values()
-        )
         fresh = initialise(folder, args.images)
         segment.reuse_loaded_models()
         kept = initialise(folder, args.images)

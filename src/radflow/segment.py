@@ -222,6 +222,10 @@ def reuse_loaded_models() -> None:
     plans and weights to ``manual_initialization``, nnU-Net's own entry for an already built
     network (it loads the kept weights into the network before every prediction, so the output
     is bit-identical). A checkpoint whose size or modification time changed is loaded anew.
+
+    The price: every model a process used stays in memory until it exits -- for a batch of the
+    ``total`` task without ``fast`` (five models) their networks and weights, on the GPU too
+    (a few hundred MB each, beside the sliding window's much larger working memory).
     """
     global _REUSE_PATCHED
     if _REUSE_PATCHED:
@@ -238,6 +242,8 @@ def reuse_loaded_models() -> None:
         model_training_output_dir: str,
         use_folds: Any,
         checkpoint_name: str = "checkpoint_final.pth",
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         folder = Path(model_training_output_dir).resolve()
         stamps = tuple(
@@ -247,7 +253,7 @@ def reuse_loaded_models() -> None:
         folds = use_folds if use_folds is None or isinstance(use_folds, str) else tuple(use_folds)
         key = (str(folder), folds, checkpoint_name, stamps)
         if key not in _LOADED_MODELS:
-            load(self, model_training_output_dir, use_folds, checkpoint_name)
+            load(self, model_training_output_dir, use_folds, checkpoint_name, *args, **kwargs)
             _LOADED_MODELS[key] = (
                 self.network,
                 self.plans_manager,
