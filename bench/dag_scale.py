@@ -8,9 +8,16 @@ written directly, as ingest would after indexing a cohort) is laid out in a scra
 Two dry runs per N:
 - plan: ``snakemake -n --quiet`` builds the DAG (including its update after the ingest
   checkpoint) and stops: what every run pays before its first job starts;
-- listing: ``snakemake -n --quiet rules`` also walks the scheduler through every job and formats
-  it (shell command three times, resources, files) as the dry run's job listing does, about a
-  fifth on top at 10,000 cases. A real run pays that per job as it submits it.
+- listing: plain ``snakemake -n``, as a user types it: Snakemake also walks the scheduler
+  through every job, formats it (shell command three times, resources, files) and prints it
+  (here to a file, tens of MB at 10,000 cases); about three fifths on top of the plan at 10,000
+  cases. A real run pays that per job as it submits it.
+With ``--completed``, two more on the same cohort as a finished run leaves it (every job's files
+present and its provenance recorded, made with ``snakemake --touch``, see
+``complete_cohort``): ``snakemake -n`` with nothing to do, and after a mask setting changed
+(every mask and what follows to rerun; the bench checks that, and that no conversion or
+segmentation is in it). These are the dry runs of a project's later life, where Snakemake also
+reads every output's time and provenance record.
 Printed per N: wall time of both, peak RSS of the snakemake process, the job count, and the
 number of sbatch calls on SLURM one job at a time and with the per-case rules submitted as job
 arrays (profiles/slurm; a lower bound, see ``array_submissions``).
@@ -26,7 +33,7 @@ virtual) machine than the seconds do.
 
     python bench/dag_scale.py --cases 1000 10000
     python bench/dag_scale.py --cases 1000 10000 --stub-scontrol
-    python bench/dag_scale.py --cases 1000 10000 --stub-scontrol --repeat 3
+    python bench/dag_scale.py --cases 1000 10000 --stub-scontrol --repeat 2 --completed
 
 ``--stub-scontrol`` puts an ``scontrol`` that fails at once first on PATH. On a host with
 slurm-wlm installed but no controller running (this CI machine), the SLURM executor plugin waits
@@ -172,19 +179,17 @@ def dry_run(
     env: dict[str, str] | None = None,
     listing: bool = True,
     peer: bool = False,
-) -> dict[str, float | int]:
-    """``snakemake -n`` in ``work``: seconds, peak RSS (MiB) and, with ``listing`` (every job
-    formatted, the job table printed), jobs per rule; without, the DAG is built and no more.
-    With ``peer``, of the bare Snakefile (PEER_SNAKEFILE) instead of radflow's."""
+    configfiles: list[Path] | None = None,
+) -> dict:
+    """``snakemake -n`` in ``work``: seconds, peak RSS (MiB), jobs per rule and the printed text.
+    With ``listing``, plain ``snakemake -n`` as a user types it: every job formatted and printed
+    (to a file here, as a terminal would take it); without, ``-n --quiet``: the DAG is built and
+    no more. With ``peer``, of the bare Snakefile (PEER_SNAKEFILE) instead of radflow's."""
+    configs = configfiles or [work / "config.yaml"]
     snakefile = (
         ["--snakefile", str(work / "peer.smk")]
         if peer
-        else [
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--configfile",
-            str(work / "config.yaml"),
-        ]
+        else ["--snakefile", str(REPO / "Snakefile"), "--configfile", *map(str, configs)]
     )
     cmd = [
         sys.executable,
@@ -196,35 +201,92 @@ def dry_run(
         str(work),
         "--cores",
         "2",
-        *(["--quiet", "rules"] if listing else ["--quiet"]),
+        *([] if listing else ["--quiet"]),
         *extra,
     ]
-    t0 = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak = 0
-    out_chunks = []
-    while proc.poll() is None:
-        try:
-            rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    out_chunks.append(proc.stdout.read())
-    seconds = time.perf_counter() - t0
-    text = "".join(out_chunks)
+    # the listing is tens of MB at 10,000 cases: to a file, never a pipe nobody reads yet
+    with tempfile.TemporaryFile("w+") as out:
+        t0 = time.perf_counter()
+        proc = psutil.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        text = out.read()
     if proc.returncode != 0:
         raise RuntimeError(f"snakemake -n failed:\n{text[-3000:]}")
     if "Updating checkpoint dependencies" not in text:  # the per-case jobs were never planned
         raise RuntimeError(f"snakemake -n did not read the ingest checkpoint:\n{text[-3000:]}")
-    jobs = {}
-    for line in text.splitlines():
+    return {"seconds": seconds, "peak_mib": peak / 2**20, "jobs": job_stats(text), "text": text}
+
+
+def job_stats(text: str) -> dict[str, int]:
+    """Jobs per rule and ``total`` from the last "Job stats" table of a dry run ({} if none:
+    nothing to be done)."""
+    jobs: dict[str, int] = {}
+    if "Job stats:" not in text:
+        return jobs
+    for line in text.rsplit("Job stats:", 1)[1].splitlines()[3:]:
         m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-        if m and m.group(1) != "total":
-            jobs[m.group(1)] = int(m.group(2))
-        elif m:
-            jobs["total"] = int(m.group(2))
-    return {"seconds": seconds, "peak_mib": peak / 2**20, "jobs": jobs}
+        if not m:
+            break
+        jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+# Snakemake's touch executor sleeps 0.1 s per job before touching its outputs (so that their
+# times differ); 20,000 jobs would spend over half an hour asleep. Jobs are touched round by
+# round in DAG order, so without the sleep every output is still no older than its inputs.
+TOUCH = (
+    "import sys; import snakemake.executors.touch as t; t.Executor.SLEEPING_TIME = 0; "
+    "from snakemake.cli import main; sys.exit(main())"
+)
+
+
+def complete_cohort(work: Path, listing: str, env: dict[str, str] | None) -> float:
+    """Make ``work`` look like a project whose run has finished: every file that the jobs of
+    ``listing`` (a fresh ``snakemake -n``) write is created empty, then ``snakemake --touch
+    --forceall`` marks all of them done through Snakemake's own bookkeeping, which records each
+    job's provenance (code, params, input list, environment) in .snakemake/metadata as a real
+    run does. Outputs without a suffix are folders (radflow's directory() outputs: the
+    segmentation batches and results/explain). Returns the seconds this took."""
+    t0 = time.perf_counter()
+    n = 0
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", listing):
+        for key in ("output", "log", "benchmark"):
+            m = re.search(rf"^\s+{key}: (.*)$", block, re.M)
+            for name in m.group(1).split(", ") if m else []:
+                path = work / name.split(" (")[0]
+                if "." in path.name:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+                else:
+                    path.mkdir(parents=True, exist_ok=True)
+                n += 1
+    if n == 0:
+        raise RuntimeError("no job files found in the dry run's listing")
+    cmd = [sys.executable, "-c", TOUCH, "--touch", "--forceall", "--quiet", "--cores", "100000"]
+    cmd += ["--snakefile", str(REPO / "Snakefile"), "--configfile", str(work / "config.yaml")]
+    cmd += ["--directory", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"snakemake --touch failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def rerun_config(work: Path) -> Path:
+    """A second config file that changes one mask setting (mask.margin_mm): a params change
+    that must rerun every mask and what follows, and no conversion or segmentation."""
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    changed = work / "rerun.yaml"
+    changed.write_text(yaml.safe_dump({"mask": {"margin_mm": cfg["mask"]["margin_mm"] + 1}}))
+    return changed
 
 
 # Rules that run on the submit host (with segment.batches > 0 there is no per-case segment job
@@ -242,6 +304,51 @@ def array_submissions(jobs: dict[str, int], limit: int) -> int:
     per_case = sum(-(-jobs.get(r, 0) // limit) for r in arrays)
     rest = jobs.get("total", 0) - sum(jobs.get(r, 0) for r in set(arrays) | local)
     return per_case + rest
+
+
+def completed_runs(
+    work: Path, listing: str, env: dict[str, str] | None, repeat: int
+) -> dict[str, object]:
+    """The cohort of ``work`` made finished (complete_cohort), then two plain ``snakemake -n``:
+    nothing to do, and a mask setting changed. Checks that the first finds nothing to do and
+    that the second reruns every mask and nothing upstream of it."""
+    n = sum(1 for _ in (work / "results" / "private" / "series").iterdir())
+    touch_seconds = complete_cohort(work, listing, env)
+    changed = rerun_config(work)
+    runs: dict[str, list] = {"done": [], "rerun": []}
+    for _ in range(repeat):
+        runs["done"].append(dry_run(work, [], env))
+        runs["rerun"].append(dry_run(work, [], env, configfiles=[work / "config.yaml", changed]))
+    done, rerun = runs["done"][0], runs["rerun"][0]
+    if done["jobs"] or "Nothing to be done" not in done["text"]:
+        raise RuntimeError(f"the finished cohort still has jobs to run: {done['jobs']}")
+    upstream = {
+        k: v for k, v in rerun["jobs"].items() if k in ("convert", "segment", "segment_batch")
+    }
+    if rerun["jobs"].get("mask") != n or upstream:
+        raise RuntimeError(
+            f"a mask setting changed: expected {n} mask jobs and no conversion or "
+            f"segmentation, got {rerun['jobs']}"
+        )
+    out: dict[str, object] = {"touch_seconds": touch_seconds}
+    for key, xs in runs.items():
+        out[f"{key}_seconds"] = min(x["seconds"] for x in xs)
+        out[f"all_{key}_seconds"] = [round(x["seconds"], 1) for x in xs]
+        out[f"{key}_peak_mib"] = max(x["peak_mib"] for x in xs)
+    out["rerun_jobs"] = rerun["jobs"]
+    best = " (fastest of " if repeat > 1 else ""
+    print(
+        f"{n:>6} cases, finished (made with snakemake --touch in {touch_seconds:.0f} s): "
+        f"snakemake -n with nothing to do {out['done_seconds']:6.1f} s"
+        + (best and f"{best}{', '.join(map(str, out['all_done_seconds']))})")
+        + f", peak RSS {out['done_peak_mib']:.0f} MiB; after a mask setting changed "
+        f"{out['rerun_seconds']:6.1f} s"
+        + (best and f"{best}{', '.join(map(str, out['all_rerun_seconds']))})")
+        + f", peak RSS {out['rerun_peak_mib']:.0f} MiB, {rerun['jobs'].get('total', 0)} jobs "
+        f"({', '.join(f'{k} {v}' for k, v in rerun['jobs'].items() if k != 'total')})",
+        flush=True,
+    )
+    return out
 
 
 def main() -> int:
@@ -269,6 +376,13 @@ def main() -> int:
         action="store_true",
         help="an scontrol that fails at once first on PATH (see the module docstring)",
     )
+    ap.add_argument(
+        "--completed",
+        action="store_true",
+        help="then also time snakemake -n on the same cohort as a finished run leaves it: "
+        "with nothing to do, and after a mask setting changed (every mask and what follows "
+        "to rerun)",
+    )
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -291,7 +405,11 @@ def main() -> int:
                 for peer in (False, True):
                     for listing in (False, True):
                         key = ("peer_" if peer else "") + ("listing" if listing else "plan")
-                        runs[key].append(dry_run(work, [], env, listing=listing, peer=peer))
+                        run = dry_run(work, [], env, listing=listing, peer=peer)
+                        if key == "listing":
+                            listing_text = run["text"]
+                        del run["text"]
+                        runs[key].append(run)
             r = {"cases": n}
             for key, xs in runs.items():
                 r[f"{key}_seconds"] = min(x["seconds"] for x in xs)
@@ -312,7 +430,7 @@ def main() -> int:
             print(
                 f"{n:>6} cases: plan (snakemake -n --quiet) {r['plan_seconds']:6.1f} s"
                 + (best and f"{best}{', '.join(map(str, r['all_plan_seconds']))})")
-                + f", with the job listing {r['listing_seconds']:6.1f} s"
+                + f", with the job listing (snakemake -n) {r['listing_seconds']:6.1f} s"
                 + (best and f"{best}{', '.join(map(str, r['all_listing_seconds']))})")
                 + f"; peak RSS {r['peak_mib']:7.0f} MiB, {r['jobs'].get('total', 0)} jobs "
                 f"({', '.join(f'{k} {v}' for k, v in r['jobs'].items() if k != 'total')}); "
@@ -329,6 +447,9 @@ def main() -> int:
                 f"{r['peak_mib'] / r['peer_peak_mib']:.2f}x",
                 flush=True,
             )
+            if args.completed:
+                r.update(completed_runs(work, listing_text, env, args.repeat))
+            del listing_text
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
         if len(results) > 1:

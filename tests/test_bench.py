@@ -48,6 +48,7 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
             "4",
             "--cases-per-batch",
             "0",
+            "--completed",
         ],
         capture_output=True,
         text=True,
@@ -58,8 +59,8 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
 
     (r,) = json.loads(out.stdout.strip().splitlines()[-1])
     jobs = r["jobs"]
-    # one plan (-n --quiet) and one listing (-n --quiet rules) per N, each checked in dry_run
-    # to have read the ingest checkpoint
+    # one plan (-n --quiet) and one listing (plain -n) per N, each checked in dry_run to have
+    # read the ingest checkpoint
     assert len(r["all_plan_seconds"]) == len(r["all_listing_seconds"]) == 1
     assert jobs["convert"] == jobs["mask"] == 7
     assert 2 <= BATCHES <= 7  # every batch gets a case (case i goes to batch i mod BATCHES)
@@ -70,6 +71,14 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     # plus one per aggregate rule
     assert r["sbatch_arrays"] == 2 + -(-BATCHES // 4) + 2 + singles
     assert r["sbatch_plain"] == 7 + BATCHES + 7 + singles
+    # --completed: the cohort made finished has nothing to do (checked in the bench), and a
+    # mask setting changed reruns every mask and what follows, nothing upstream
+    assert r["rerun_jobs"] == {
+        "mask": 7,
+        **{k: jobs[k] for k in jobs if k not in ("convert", "segment_batch", "mask", "total")},
+        "total": jobs["total"] - 7 - BATCHES,
+    }
+    assert len(r["all_done_seconds"]) == len(r["all_rerun_seconds"]) == 1
     # the peer (a bare Snakefile) plans the same per-case jobs and batches, and its dry runs
     # read the same checkpoint (dry_run raises otherwise)
     peer = r["peer_jobs"]
