@@ -49,6 +49,7 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
             "--cases-per-batch",
             "0",
             "--completed",
+            "--stub-scontrol",
         ],
         capture_output=True,
         text=True,
