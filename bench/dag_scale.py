@@ -311,6 +311,28 @@ def array_submissions(jobs: dict[str, int], limit: int) -> int:
     return per_case + rest
 
 
+def summarise(runs: dict[str, list[dict]]) -> dict[str, object]:
+    """Per kind of dry run: the fastest time (on a shared or virtual machine other load only
+    ever adds time), every time rounded, and the highest peak RSS."""
+    out: dict[str, object] = {}
+    for key, xs in runs.items():
+        out[f"{key}_seconds"] = min(x["seconds"] for x in xs)
+        out[f"all_{key}_seconds"] = [round(x["seconds"], 1) for x in xs]
+        out[f"{key}_peak_mib"] = max(x["peak_mib"] for x in xs)
+    return out
+
+
+def seconds(r: dict, key: str) -> str:
+    """``r``'s fastest time of ``key`` for printing, with all of them when there were more."""
+    text = f"{r[f'{key}_seconds']:6.1f} s"
+    times = r[f"all_{key}_seconds"]
+    return text + (f" (fastest of {', '.join(map(str, times))})" if len(times) > 1 else "")
+
+
+def per_rule(jobs: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in jobs.items() if k != "total")
+
+
 def completed_runs(
     work: Path, listing: str, fresh: dict[str, int], env: dict[str, str] | None, repeat: int
 ) -> dict[str, object]:
@@ -342,22 +364,13 @@ def completed_runs(
             del run["text"]
         runs["done"].append(done)
         runs["rerun"].append(rerun)
-    out: dict[str, object] = {"touch_seconds": touch_seconds}
-    for key, xs in runs.items():
-        out[f"{key}_seconds"] = min(x["seconds"] for x in xs)
-        out[f"all_{key}_seconds"] = [round(x["seconds"], 1) for x in xs]
-        out[f"{key}_peak_mib"] = max(x["peak_mib"] for x in xs)
-    out["rerun_jobs"] = rerun["jobs"]
-    best = " (fastest of " if repeat > 1 else ""
+    out = {"touch_seconds": touch_seconds, **summarise(runs), "rerun_jobs": rerun["jobs"]}
     print(
         f"{n:>6} cases, finished (made with snakemake --touch in {touch_seconds:.0f} s): "
-        f"snakemake -n with nothing to do {out['done_seconds']:6.1f} s"
-        + (best and f"{best}{', '.join(map(str, out['all_done_seconds']))})")
-        + f", peak RSS {out['done_peak_mib']:.0f} MiB; after a mask setting changed "
-        f"{out['rerun_seconds']:6.1f} s"
-        + (best and f"{best}{', '.join(map(str, out['all_rerun_seconds']))})")
-        + f", peak RSS {out['rerun_peak_mib']:.0f} MiB, {rerun['jobs'].get('total', 0)} jobs "
-        f"({', '.join(f'{k} {v}' for k, v in rerun['jobs'].items() if k != 'total')})",
+        f"snakemake -n with nothing to do {seconds(out, 'done')}, "
+        f"peak RSS {out['done_peak_mib']:.0f} MiB; after a mask setting changed "
+        f"{seconds(out, 'rerun')}, peak RSS {out['rerun_peak_mib']:.0f} MiB, "
+        f"{rerun['jobs'].get('total', 0)} jobs ({per_rule(rerun['jobs'])})",
         flush=True,
     )
     return out
@@ -422,14 +435,9 @@ def main() -> int:
                             listing_text = run["text"]
                         del run["text"]
                         runs[key].append(run)
-            r = {"cases": n}
-            for key, xs in runs.items():
-                r[f"{key}_seconds"] = min(x["seconds"] for x in xs)
-                r[f"all_{key}_seconds"] = [round(x["seconds"], 1) for x in xs]
-            r["peak_mib"] = max(x["peak_mib"] for x in runs["plan"] + runs["listing"])
-            r["peer_peak_mib"] = max(
-                x["peak_mib"] for x in runs["peer_plan"] + runs["peer_listing"]
-            )
+            r = {"cases": n, **summarise(runs)}
+            r["peak_mib"] = max(r["plan_peak_mib"], r["listing_peak_mib"])
+            r["peer_peak_mib"] = max(r["peer_plan_peak_mib"], r["peer_listing_peak_mib"])
             r["jobs"] = runs["listing"][0]["jobs"]
             r["peer_jobs"] = runs["peer_listing"][0]["jobs"]
             r["plan_vs_peer"] = r["plan_seconds"] / r["peer_plan_seconds"]
@@ -438,14 +446,11 @@ def main() -> int:
             r["sbatch_plain"] = r["jobs"].get("total", 0) - local
             r["sbatch_arrays"] = array_submissions(r["jobs"], args.array_limit)
             results.append(r)
-            best = " (fastest of " if args.repeat > 1 else ""
             print(
-                f"{n:>6} cases: plan (snakemake -n --quiet) {r['plan_seconds']:6.1f} s"
-                + (best and f"{best}{', '.join(map(str, r['all_plan_seconds']))})")
-                + f", with the job listing (snakemake -n) {r['listing_seconds']:6.1f} s"
-                + (best and f"{best}{', '.join(map(str, r['all_listing_seconds']))})")
-                + f"; peak RSS {r['peak_mib']:7.0f} MiB, {r['jobs'].get('total', 0)} jobs "
-                f"({', '.join(f'{k} {v}' for k, v in r['jobs'].items() if k != 'total')}); "
+                f"{n:>6} cases: plan (snakemake -n --quiet) {seconds(r, 'plan')}"
+                f", with the job listing (snakemake -n) {seconds(r, 'listing')}"
+                f"; peak RSS {r['peak_mib']:7.0f} MiB, {r['jobs'].get('total', 0)} jobs "
+                f"({per_rule(r['jobs'])}); "
                 f"sbatch calls on SLURM: {r['sbatch_plain']} one per job, "
                 f"at least {r['sbatch_arrays']} with per-case job arrays of {args.array_limit}",
                 flush=True,
