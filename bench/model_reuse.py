@@ -29,13 +29,13 @@ PHANTOM = REPO / "resources" / "totalseg_phantom"
 def write_model(root: Path, max_features: int = 320) -> tuple[Path, int]:
     """The phantom model folder with a 6-stage 3d_fullres network (features capped at
     ``max_features``); returns the trainer folder and the network's parameter count."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from radflow.phantom_model import build_network
 
     shutil.copytree(PHANTOM, root, dirs_exist_ok=True)
     folder = next(root.glob("Dataset297*/nnUNet*"))
     plans = json.loads((folder / "plans.json").read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch.update(
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    arch["arch_kwargs"].update(
         n_stages=6,
         features_per_stage=[min(f, max_features) for f in (32, 64, 128, 256, 320, 320)],
         kernel_sizes=[[3, 3, 3]] * 6,
@@ -45,22 +45,7 @@ def write_model(root: Path, max_features: int = 320) -> tuple[Path, int]:
     )
     (folder / "plans.json").write_text(json.dumps(plans))
     n_out = len(json.loads((folder / "dataset.json").read_text())["labels"])
-    net = PlainConvUNet(
-        input_channels=1,
-        n_stages=6,
-        features_per_stage=arch["features_per_stage"],
-        conv_op=torch.nn.Conv3d,
-        kernel_sizes=arch["kernel_sizes"],
-        strides=arch["strides"],
-        n_conv_per_stage=arch["n_conv_per_stage"],
-        num_classes=n_out,
-        n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"],
-        conv_bias=True,
-        norm_op=torch.nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-    )
+    net = build_network(n_out, arch)  # as nnU-Net's predictor will build it
     path = folder / "fold_0" / "checkpoint_final.pth"
     ck = torch.load(path, weights_only=False)  # the phantom's: trainer name, init args, ...
     params = list(net.parameters())

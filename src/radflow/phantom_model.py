@@ -128,11 +128,12 @@ PRESENT = sorted({0, *ORGAN_LABELS})
 ABSENT_BIAS = -50.0
 
 
-def build_network(n_out: int | None = None) -> Any:
-    """The network exactly as nnU-Net builds it from ``plans()`` (``n_out`` heads)."""
+def build_network(n_out: int | None = None, arch: dict[str, Any] | None = None) -> Any:
+    """The network exactly as nnU-Net builds it from ``plans()`` (``n_out`` heads), or from
+    another 3d_fullres ``arch`` (a plans file's ``architecture`` entry)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    arch = plans()["configurations"]["3d_fullres"]["architecture"]
+    arch = arch or plans()["configurations"]["3d_fullres"]["architecture"]
     n_out = n_out or len(dataset_json()["labels"])
     return get_network_from_plans(
         arch["network_class_name"],

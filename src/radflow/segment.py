@@ -246,12 +246,12 @@ def reuse_loaded_models() -> None:
         **kwargs: Any,
     ) -> None:
         folder = Path(model_training_output_dir).resolve()
-        stamps = tuple(
-            (str(p), p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(folder.glob(f"fold_*/{checkpoint_name}"))
-        )
+        stamps = []
+        for p in sorted(folder.glob(f"fold_*/{checkpoint_name}")):
+            st = p.stat()
+            stamps.append((str(p), st.st_mtime_ns, st.st_size))
         folds = use_folds if use_folds is None or isinstance(use_folds, str) else tuple(use_folds)
-        key = (str(folder), folds, checkpoint_name, stamps)
+        key = (str(folder), folds, checkpoint_name, tuple(stamps))
         if key not in _LOADED_MODELS:
             load(self, model_training_output_dir, use_folds, checkpoint_name, *args, **kwargs)
             _LOADED_MODELS[key] = (
