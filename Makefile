@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo-data: $(DEMO_STAMP)
 
-$(DEMO_STAMP): $(STAMP) src/radflow/demo.py
+$(DEMO_STAMP): $(STAMP) src/radflow/demo/cohort.py
 	$(BIN)/radflow demo-data $(DEMO_DIR) --threads 2
 	@touch $@
 

@@ -1,4 +1,4 @@
-# radflow: raw CT DICOM in, an explained 3D classifier out. See README.md and shared DESIGN.md.
+# radflow: raw CT DICOM in, an explained 3D classifier out. See README.md and docs/.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -27,12 +27,10 @@ include: "workflow/rules/explain.smk"
 rule all:
     default_target: True
     input:
-        "results/inventory/series.parquet",
-        # every case's converted, segmented and masked files are the manifest's inputs, so they
-        # are not listed again here (a per-case list in this rule would be one more job to
-        # rebuild when the ingest checkpoint's case list arrives: DAG time at 10,000 cases)
-        "results/qc/segmentation.csv",
+        paths.INVENTORY_PARQUET,
+        # every case's records are the manifest's inputs, so they are not listed again here
+        paths.SEG_QC_TABLE,
         MANIFESTS,
-        "results/eval/metrics.json",
-        "results/explain",
-        ["results/cv/summary.json"] if config["manifest"]["folds"] > 1 else [],
+        paths.METRICS,
+        paths.EXPLAIN_DIR,
+        [paths.CV_SUMMARY] if config["manifest"]["folds"] > 1 else [],

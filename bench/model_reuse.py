@@ -29,7 +29,7 @@ PHANTOM = REPO / "resources" / "totalseg_phantom"
 def write_model(root: Path, max_features: int = 320) -> tuple[Path, int]:
     """The phantom model folder with a 6-stage 3d_fullres network (features capped at
     ``max_features``); returns the trainer folder and the network's parameter count."""
-    from radflow.phantom_model import build_network
+    from radflow.demo.phantom_model import build_network
 
     shutil.copytree(PHANTOM, root, dirs_exist_ok=True)
     folder = next(root.glob("Dataset297*/nnUNet*"))

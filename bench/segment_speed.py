@@ -23,7 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from radflow import phantom_model
+from radflow.demo import phantom_model
 from radflow.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]

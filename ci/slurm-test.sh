@@ -149,7 +149,7 @@ sinfo
 if [[ ! -e $COHORT/.complete ]]; then
     log "writing the demo cohort"
     rm -rf "$COHORT"
-    radflow demo-data "$COHORT" --subjects 10 --unlabeled 1 --seed 7 --matrix 32 --threads 2
+    radflow demo-data "$COHORT" --settings '{"n_subjects": 10, "n_unlabeled": 1, "seed": 7, "matrix": 32}' --threads 2
     touch "$COHORT/.complete"
 fi
 write_config() {  # write_config RUN_DIR SEGMENT_BATCHES

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from radflow import ingest
+from radflow import ingest, labels
 from radflow.demo import DemoSettings, make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +28,12 @@ def demo_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def inventory(demo_cohort, tmp_path_factory):
     res = tmp_path_factory.mktemp("ingest")
-    pub = ingest.run(
+    pub = ingest.ingest(
         demo_cohort / "raw",
         res / "inventory",
         res / "private",
         ingest.SelectionRules(),
-        ingest.LabelSpec(path=str(demo_cohort / "labels.csv")),
+        labels.LabelSpec(path=str(demo_cohort / "labels.csv")),
         SALT,
         threads=2,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from radflow import ingest
+from radflow import ingest, labels
 from radflow.demo import plan_cohort
 
 from .conftest import SMALL
@@ -206,12 +206,12 @@ def test_raw_tree_is_not_modified_by_ingest(demo_cohort, tmp_path):
     from .conftest import SALT, tree_digest
 
     before = tree_digest(demo_cohort / "raw")
-    ingest.run(
+    ingest.ingest(
         demo_cohort / "raw",
         tmp_path / "inv",
         tmp_path / "priv",
         ingest.SelectionRules(),
-        ingest.LabelSpec(),
+        labels.LabelSpec(),
         SALT,
         threads=1,
     )
@@ -222,8 +222,8 @@ def test_labels_join_by_study_instance_uid(demo_cohort, tmp_path):
     studies = pd.read_csv(demo_cohort / "studies.csv", dtype=str)
     sheet = studies[["StudyInstanceUID", "label"]].iloc[1:]  # first study left unlabeled
     sheet.to_csv(tmp_path / "by_study.csv", index=False)
-    spec = ingest.LabelSpec(path=str(tmp_path / "by_study.csv"), key="StudyInstanceUID")
-    pub = ingest.run(
+    spec = labels.LabelSpec(path=str(tmp_path / "by_study.csv"), key="StudyInstanceUID")
+    pub = ingest.ingest(
         demo_cohort / "raw",
         tmp_path / "inv",
         tmp_path / "priv",
@@ -247,7 +247,7 @@ def test_labels_join_by_study_instance_uid(demo_cohort, tmp_path):
 def test_labels_sheet_errors_are_specific(tmp_path):
     (tmp_path / "l.csv").write_text("PatientID,diagnosis\nA,1\n")
     with pytest.raises(ValueError, match="no column 'label'"):
-        ingest.read_labels(ingest.LabelSpec(path=str(tmp_path / "l.csv")))
+        labels.read_labels(labels.LabelSpec(path=str(tmp_path / "l.csv")))
     (tmp_path / "d.csv").write_text("PatientID,label\nA,1\nA,0\n")
     with pytest.raises(ValueError, match="duplicated PatientID"):
-        ingest.read_labels(ingest.LabelSpec(path=str(tmp_path / "d.csv")))
+        labels.read_labels(labels.LabelSpec(path=str(tmp_path / "d.csv")))

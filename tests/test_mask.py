@@ -96,13 +96,13 @@ def test_bad_roi_name_lists_close_matches():
 
 
 def _run_on_files(tmp_path, img, aff, seg, **kw):
-    """Write a case as files (image, label map, label names) and run mask.run on them."""
+    """Write a case as files (image, label map, label names) and run mask.mask on them."""
     save_nifti(img, aff, tmp_path / "img.nii.gz")
     save_nifti(seg, aff, tmp_path / "seg.nii.gz")
     (tmp_path / "seg.json").write_text(
         json.dumps({"labels": {str(k): v for k, v in NAMES.items()}})
     )
-    return mask.run(
+    return mask.mask(
         tmp_path / "img.nii.gz",
         tmp_path / "seg.nii.gz",
         tmp_path / "m.nii.gz",
@@ -211,3 +211,27 @@ def test_qc_picture_is_radiological(tmp_path):
     axial = pix[:, : pix.shape[1] // 3]
     cols = np.nonzero((axial > 0.95).any(0))[0]
     assert len(cols) and cols.mean() < axial.shape[1] / 2
+
+
+def test_a_case_failed_upstream_is_carried_over_with_its_reason(tmp_path):
+    (tmp_path / "sidecar.json").write_text(
+        json.dumps(
+            {"status": "failed", "stage": "convert", "reason_code": "TRUNCATED", "reason": "cut"}
+        )
+    )
+    st = mask.mask(
+        tmp_path / "missing.nii.gz",
+        tmp_path / "missing_seg.nii.gz",
+        tmp_path / "m.nii.gz",
+        mask.MaskSettings(),
+        tmp_path / "roi.nii.gz",
+        tmp_path / "st.json",
+        qc_png=tmp_path / "qc.png",
+        seg_qc=tmp_path / "q.csv",
+        case_id="case-x",
+        upstream=[tmp_path / "sidecar.json"],
+    )
+    assert st["status"] == "failed" and st["stage"] == "convert" and not st["usable"]
+    assert json.loads((tmp_path / "st.json").read_text())["reason_code"] == "TRUNCATED"
+    assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "m.nii.gz").exists()

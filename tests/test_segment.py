@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from radflow import phantom_model, segment
+from radflow import segment
+from radflow.demo import phantom_model
 from radflow.io import save_nifti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,9 @@ def _phantom_image(tmp_path, seed=11, flip_x=True):
 def test_real_totalsegmentator_offline_on_phantom_model(tmp_path, no_network, process_starts):
     aff, truth = _phantom_image(tmp_path)
     settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
-    info = segment.run(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2)
+    info = segment.segment_image(
+        tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2
+    )
     assert no_network == []  # not one connection attempt (usage stats are off)
     assert process_starts == []  # sequential prediction: no worker processes
     out = nib.load(tmp_path / "seg.nii.gz")
@@ -87,7 +90,7 @@ def test_missing_weights_fail_fast_without_download(tmp_path, monkeypatch, no_ne
     settings = segment.SegmentSettings(weights_dir=str(tmp_path / "empty"))
     t0 = time.perf_counter()
     with pytest.raises(segment.WeightsMissingError) as err:
-        segment.run(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings)
+        segment.segment_image(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings)
     msg = str(err.value)
     assert "Dataset297_TotalSegmentator_total_3mm_1559subj" in msg
     assert "totalseg_download_weights -t total_fast" in msg and str(tmp_path / "empty") in msg
@@ -130,7 +133,7 @@ def test_precomputed_backend_resamples_to_image_grid(tmp_path):
     save_nifti(fine, ref_aff @ np.diag([1, 1, 1, 1.0]), tmp_path / "user.nii.gz")
     (tmp_path / "user.json").write_text(json.dumps({"5": "liver", "1": "spleen"}))
     settings = segment.SegmentSettings(backend="precomputed")
-    info = segment.run(
+    info = segment.segment_image(
         tmp_path / "ct.nii.gz",
         tmp_path / "seg.nii.gz",
         settings,
@@ -147,49 +150,85 @@ def test_precomputed_backend_resamples_to_image_grid(tmp_path):
 def test_totalsegmentator_on_gpu(tmp_path, no_network):
     _aff, truth = _phantom_image(tmp_path)
     settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="gpu")
-    info = segment.run(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2)
+    info = segment.segment_image(
+        tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2
+    )
     assert info["device"] == "gpu"
     seg = np.asanyarray(nib.load(tmp_path / "seg.nii.gz").dataobj)
     assert phantom_model.dice_per_class(seg, truth)["liver"] > 0.9
 
 
-def test_batch_segments_many_cases_in_one_process_and_isolates_a_bad_one(tmp_path, no_network):
+def test_a_group_segments_many_cases_in_one_process_and_isolates_a_bad_one(tmp_path, no_network):
     nifti = tmp_path / "nifti"
     nifti.mkdir()
     truth = {}
     for i, seed in enumerate((11, 12)):
         aff, truth[i] = _phantom_image(tmp_path, seed=seed, flip_x=bool(i))
         (tmp_path / "ct.nii.gz").rename(nifti / f"case-00000000000{i}.nii.gz")
-    bad = nifti / "case-00000000000f.nii.gz"
-    bad.write_bytes(b"not a nifti")
-    images = sorted(nifti.glob("*.nii.gz"))
+        (nifti / f"case-00000000000{i}.json").write_text('{"case_id": "x"}')
+    (nifti / "case-00000000000f.nii.gz").write_bytes(b"not a nifti")
+    (nifti / "case-00000000000f.json").write_text("{}")
+    (nifti / "case-00000000000e.json").write_text(  # its conversion failed
+        json.dumps({"status": "failed", "stage": "convert", "reason_code": "X", "reason": "bad"})
+    )
+    inputs = sorted(nifti.glob("*.json"))
     settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
-    out = tmp_path / "batch"
-    summary = segment.run_batch(images, out, settings, threads=2)
-    assert sorted(summary["segmented"]) == ["case-000000000000", "case-000000000001"]
-    assert list(summary["failed"]) == ["case-00000000000f"]
+    seg = tmp_path / "seg"
+    rec = segment.segment(inputs, seg, seg / "groups" / "0.json", settings, threads=2)
     assert no_network == []
+    status = {c: r["status"] for c, r in rec["cases"].items()}
+    assert status == {
+        "case-000000000000": "ok",
+        "case-000000000001": "ok",
+        "case-00000000000e": "failed",
+        "case-00000000000f": "failed",
+    }
+    assert rec["cases"]["case-00000000000e"]["stage"] == "convert"
+    assert rec["cases"]["case-00000000000f"]["stage"] == "segment"
     for i in (0, 1):
         case = f"case-00000000000{i}"
-        segment.collect(out, case, tmp_path / "seg" / f"{case}.nii.gz", tmp_path / "seg" / "n.json")
-        seg = np.asanyarray(nib.load(tmp_path / "seg" / f"{case}.nii.gz").dataobj)
-        assert phantom_model.dice_per_class(seg, truth[i])["liver"] > 0.9
-        assert json.loads((tmp_path / "seg" / "n.json").read_text())["labels"]["5"] == "liver"
-    with pytest.raises(RuntimeError, match="case-00000000000f failed .*not a nifti|Error"):
-        segment.collect(out, "case-00000000000f", tmp_path / "x.nii.gz", tmp_path / "x.json")
-    assert not (tmp_path / "x.nii.gz").exists()
-    with pytest.raises(FileNotFoundError, match="case-000000000002"):
-        segment.collect(out, "case-000000000002", tmp_path / "x.nii.gz", tmp_path / "x.json")
-    assert json.loads((out / "batch.json").read_text())["cases"] == 3
+        labels = np.asanyarray(nib.load(seg / f"{case}.nii.gz").dataobj)
+        assert phantom_model.dice_per_class(labels, truth[i])["liver"] > 0.9
+        assert json.loads((seg / f"{case}.json").read_text())["labels"]["5"] == "liver"
+    assert not (seg / "case-00000000000f.nii.gz").exists()
+    assert json.loads((seg / "case-00000000000f.json").read_text())["status"] == "failed"
+    assert json.loads((seg / "groups" / "0.json").read_text())["n_ok"] == 2
 
 
-def test_batches_depend_on_the_case_alone_and_are_balanced():
+def test_a_killed_group_keeps_the_label_maps_it_finished(tmp_path, monkeypatch):
+    """A rerun after a kill segments only what is missing, and only for the same image bytes
+    and settings (a changed image or setting is segmented again)."""
+    nifti = tmp_path / "nifti"
+    nifti.mkdir()
+    for name, seed in (("case-00000000000a", 21), ("case-00000000000b", 22)):
+        _phantom_image(tmp_path, seed=seed)
+        (tmp_path / "ct.nii.gz").rename(nifti / f"{name}.nii.gz")
+    images = sorted(nifti.glob("*.nii.gz"))
+    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
+    seg, record = tmp_path / "seg", tmp_path / "seg" / "groups" / "g.json"
+    segment.segment(images, seg, record, settings, threads=2)
+    record.unlink()  # as after a kill: label maps written, the group's record not
+    calls = []
+    real = segment.segment_image
+    monkeypatch.setattr(segment, "segment_image", lambda *a, **k: calls.append(a) or real(*a, **k))
+    rec = segment.segment(images, seg, record, settings, threads=2)
+    assert calls == [] and all(c.get("resumed") for c in rec["cases"].values())
+    other = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu", fast=True, task="total")
+    assert other == settings  # same settings: kept; a changed image is segmented anew
+    img = nib.load(images[0])
+    save_nifti(np.asanyarray(img.dataobj).astype(np.int16) + 1, img.affine, images[0])
+    segment.segment(images, seg, record, settings, threads=2)
+    assert len(calls) == 1
+
+
+def test_groups_depend_on_the_case_alone_and_are_balanced():
     import hashlib
 
     cases = [f"case-{hashlib.sha256(str(i).encode()).hexdigest()[:12]}" for i in range(400)]
-    sizes = np.bincount([segment.batch_of(c, 4) for c in cases], minlength=4)
+    sizes = np.bincount([int(segment.group_of(c, 4)) for c in cases], minlength=4)
     assert sizes.sum() == 400 and sizes.min() >= 70, sizes  # pseudonyms are hashes: even
-    assert segment.batch_of("case-00000000000a", 4) == 10 % 4
+    assert segment.group_of("case-00000000000a", 4) == str(10 % 4)
+    assert segment.group_of("case-00000000000a", 0) == "case-00000000000a"  # a group of one
 
 
 def test_a_batch_loads_each_model_once_with_identical_labels(tmp_path, monkeypatch):
@@ -214,12 +253,12 @@ def test_a_batch_loads_each_model_once_with_identical_labels(tmp_path, monkeypat
     settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
     monkeypatch.setattr(segment, "_LOADED_MODELS", {})
     images = [nifti / "case-00000000000a.nii.gz", nifti / "case-00000000000b.nii.gz"]
-    summary = segment.run_batch(images, tmp_path / "batch", settings, threads=2)
-    assert len(summary["segmented"]) == 2
+    rec = segment.segment(images, tmp_path / "batch", tmp_path / "g.json", settings, threads=2)
+    assert rec["n_ok"] == 2
     assert loads.count("checkpoint_final.pth") == 1, loads  # one model (total, fast), once
     # case b alone, the model loaded afresh: the same labels as with the kept model
     monkeypatch.setattr(segment, "_LOADED_MODELS", {})
-    segment.run(images[1], tmp_path / "alone.nii.gz", settings, threads=2)
+    segment.segment_image(images[1], tmp_path / "alone.nii.gz", settings, threads=2)
     assert loads.count("checkpoint_final.pth") == 2
     kept = np.asanyarray(nib.load(tmp_path / "batch" / "case-00000000000b.nii.gz").dataobj)
     fresh = np.asanyarray(nib.load(tmp_path / "alone.nii.gz").dataobj)

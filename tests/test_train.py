@@ -180,7 +180,7 @@ def test_threshold_comes_from_validation_only(tmp_path, monkeypatch):
         root=tmp_path,
         history=tmp_path / "run/history.csv",
         device="cpu",
-        n_boot=50,
+        bootstrap=50,
     )
     cases = manifest.read(m)
     assert seen == [int((cases["split"] == "val").sum())]

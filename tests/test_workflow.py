@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from radflow.demo import _folder, plan_cohort
+from radflow.demo.cohort import _folder, plan_cohort
 
 from .conftest import REPO, SALT, SMALL, tree_digest
 

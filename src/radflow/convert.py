@@ -464,3 +464,52 @@ def _ver(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
+
+
+def convert_case(
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: ConvertSettings,
+    sidecar_path: str | os.PathLike,
+    case_id: str,
+    series_id: str = "",
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Convert one case of the workflow: like ``convert``, but a series that cannot be
+    converted gets a failed record as its sidecar (stage, code, reason) instead of an error,
+    so the case fails alone and the rest of the cohort goes on. Environment errors (no memory,
+    a full disk, I/O) still fail the job, so that a rerun retries them."""
+    from radflow import status
+
+    try:
+        return convert(
+            source, out_path, settings, sidecar_path, case_id, series_id, threads=threads
+        )
+    except (MemoryError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any data error is this case's, recorded
+        rec = status.failure("convert", exc)
+        rec["reason"] = redact(rec["reason"], source)
+        if isinstance(exc, ConversionRefusedError):
+            rec["reason_code"] = exc.code
+            rec["reason"] = redact(str(exc).split("] ", 1)[-1], source)
+        rec["case_id"] = case_id
+        rec["series_id"] = series_id
+        status.remove_stale(out_path)
+        write_json(sidecar_path, rec)
+        return rec
+
+
+def redact(text: str, source: str | os.PathLike) -> str:
+    """``text`` without the raw paths of a series (they carry names and MRNs): each file of
+    the list and its folders are replaced by ``<instance k>`` / ``<series folder>``."""
+    try:
+        files = list_source(source)
+    except Exception:  # noqa: BLE001 - nothing to redact with
+        files = []
+    for k, f in sorted(enumerate(files), key=lambda t: -len(t[1])):
+        text = text.replace(f, f"<instance {k}>")
+    for folder in sorted({str(Path(f).parent) for f in files}, key=len, reverse=True):
+        if len(folder) > 1:
+            text = text.replace(folder, "<series folder>")
+    return text

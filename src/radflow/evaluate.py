@@ -70,7 +70,7 @@ def evaluate(
     history: str | os.PathLike | None = None,
     device: str = "auto",
     threads: int = 1,
-    n_boot: int = 1000,
+    bootstrap: int = 1000,
 ) -> dict[str, Any]:
     """Predict every case, pick the threshold on val, report test; write tables and plots."""
     import torch
@@ -96,8 +96,8 @@ def evaluate(
     result = {
         "threshold_source": "validation split (Youden's J); never tuned on test",
         "threshold": thr,
-        "test": binary_metrics(test["label"], test["probability"], thr, n_boot),
-        "validation": binary_metrics(val["label"], val["probability"], thr, n_boot),
+        "test": binary_metrics(test["label"], test["probability"], thr, bootstrap),
+        "validation": binary_metrics(val["label"], val["probability"], thr, bootstrap),
         "checkpoint_epoch": int(ck["epoch"]),
         "arch": ck["arch"],
     }
@@ -174,3 +174,26 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     for a in ax:
         a.set_xlabel("epoch")
     _save(fig, path)
+
+
+def cv_summary(histories: list[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """Per-fold best validation AUC and their mean and sd across folds (``results/cv``)."""
+    folds = []
+    for path in histories:
+        h = pd.read_csv(path)
+        best = h.loc[h["val_auc"].idxmax()] if h["val_auc"].notna().any() else h.iloc[-1]
+        folds.append(
+            {
+                "history": str(path),
+                "best_epoch": int(best["epoch"]),
+                "val_auc": float(best["val_auc"]),
+            }
+        )
+    aucs = pd.Series([f["val_auc"] for f in folds])
+    summary = {
+        "folds": folds,
+        "val_auc_mean": float(aucs.mean()),
+        "val_auc_sd": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
+    }
+    write_json(out, summary)
+    return summary

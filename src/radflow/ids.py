@@ -45,3 +45,58 @@ def series_id_of(inventory_csv: str | os.PathLike, case_id: str) -> str:
             if row["case_id"] == case_id:
                 return row["series_id"]
     raise ValueError(f"case {case_id!r} is not in the inventory {inventory_csv}")
+
+
+KEY_COLUMNS = (
+    "case_id",
+    "subject_id",
+    "study_id",
+    "series_id",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+)
+
+
+def case_keys_reader(id_map: str | os.PathLike | None):  # noqa: ANN201 - a closure
+    """A function case_id -> the ids a path template may use, from the private id map.
+
+    Templates (``segment.precomputed``, ``qc.reference``, ``explain.lesion_reference``) may
+    name raw UIDs; they are filled inside the job from the private id map, so neither the
+    resolved path nor the UID ever reaches a Snakemake log, metadata record or report.
+    """
+    if id_map is None:
+        raise ValueError("a path template with case placeholders needs the private id map")
+    table: dict[str, dict[str, str]] | None = None
+
+    def keys(case_id: str) -> dict[str, str]:
+        nonlocal table
+        if table is None:
+            table = _read_keys(id_map)
+        if case_id not in table:
+            raise KeyError(f"{case_id} is not in the private id map")
+        return table[case_id]
+
+    return keys
+
+
+def _read_keys(id_map: str | os.PathLike) -> dict[str, dict[str, str]]:
+    path = str(id_map)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        cols = pq.read_table(path, columns=list(KEY_COLUMNS)).to_pylist()
+        rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in cols]
+    else:  # the CSV for people: values there may be neutralised against formula injection
+        with open(path, newline="") as fh:
+            rows = [{k: r.get(k, "") or "" for k in KEY_COLUMNS} for r in csv.DictReader(fh)]
+    return {r["case_id"]: r for r in rows if r["case_id"]}
+
+
+def fill_template(template: str, keys: dict[str, str]) -> str:
+    """A path template with ``{case_id}``, ``{StudyInstanceUID}``... filled in."""
+    try:
+        return template.format(**keys)
+    except KeyError as exc:
+        raise ValueError(
+            f"unknown placeholder {exc} in a path template; known: {sorted(keys)}"
+        ) from None

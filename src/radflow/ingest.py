@@ -1,7 +1,7 @@
 """ingest: index a raw DICOM tree (headers only) and select one series per study, with reasons.
 
 Pure pieces (``summarize_series``, ``select_series``, ``join_labels``, ``add_pseudonyms``) work on
-DataFrames and are testable without files; ``read_header`` and ``run`` are the I/O edges. The raw
+DataFrames and are testable without files; ``read_header`` and ``ingest`` are the I/O edges. The raw
 tree is only ever opened for reading.
 """
 
@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from radflow import geometry, ids
 from radflow.io import write_table, write_text
+from radflow.labels import LabelSpec, join_labels, read_labels
 from radflow.settings import section
 
 PHI_COLUMNS = (
@@ -62,16 +63,6 @@ class SelectionRules:
         """Build from a config mapping (unknown keys are an error)."""
         d = section(cls, d, "selection", ("modalities", "exclude_image_types", "orientations"))
         return cls(**d)
-
-
-@dataclass
-class LabelSpec:
-    """Where labels come from and how they join to series."""
-
-    path: str | None = None
-    key: str = "PatientID"  # or StudyInstanceUID, AccessionNumber
-    column: str = "label"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- file level
@@ -451,40 +442,6 @@ def flags(row: pd.Series) -> str:
 # --------------------------------------------------------------------------- labels & ids
 
 
-def read_labels(spec: LabelSpec) -> pd.DataFrame | None:
-    """Read the labels sheet (key column as string) or None when no sheet is configured."""
-    if not spec.path:
-        return None
-    df = pd.read_csv(spec.path, dtype={spec.key: str})
-    for col in (spec.key, spec.column):
-        if col not in df.columns:
-            raise ValueError(
-                f"labels sheet {spec.path} has no column {col!r}; has {list(df.columns)}"
-            )
-    if df[spec.key].duplicated().any():
-        dup = df.loc[df[spec.key].duplicated(), spec.key].nunique()
-        raise ValueError(f"labels sheet {spec.path}: {dup} duplicated {spec.key} value(s)")
-    return df
-
-
-def join_labels(series: pd.DataFrame, labels: pd.DataFrame | None, spec: LabelSpec) -> pd.DataFrame:
-    """Attach ``label`` (nullable int) and ``has_label`` by the configured key column."""
-    out = series.copy()
-    if labels is None:  # no sheet: labels unknown (the workflow joins them in the manifest)
-        out["label"] = pd.array([pd.NA] * len(out), dtype="Int64")
-        out["has_label"] = pd.array([pd.NA] * len(out), dtype="boolean")
-        return out
-    else:
-        lookup = dict(
-            zip(labels[spec.key].astype(str).str.strip(), labels[spec.column], strict=True)
-        )
-        out["label"] = pd.array(
-            [lookup.get(str(k).strip(), pd.NA) for k in out[spec.key]], dtype="Int64"
-        )
-    out["has_label"] = out["label"].notna()
-    return out
-
-
 def add_pseudonyms(series: pd.DataFrame, salt: str) -> pd.DataFrame:
     """Add subject/study/series/case pseudonyms (keyed hashes) beside the raw identifiers."""
     out = series.copy()
@@ -550,7 +507,7 @@ INVENTORY_COLUMNS = [
 ]
 
 
-def run(
+def ingest(
     raw_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     private_dir: str | os.PathLike,
@@ -572,7 +529,9 @@ def run(
     write_table(public, out_dir / "series.csv", str(out_dir / "series.parquet"))
     _write_rejected(files, series, salt, raw_dir, out_dir, private_dir)
     write_table(
-        id_map.sort_values(["subject_id", "study_id", "series_id"]), private_dir / "id_map.csv"
+        id_map.sort_values(["subject_id", "study_id", "series_id"]),
+        private_dir / "id_map.csv",
+        str(private_dir / "id_map.parquet"),
     )
     _write_filelists(files, series, private_dir / "series")
     return public
@@ -621,3 +580,13 @@ def _write_filelists(files: pd.DataFrame, series: pd.DataFrame, dest: Path) -> N
     for stale in dest.glob("*.txt"):
         if stale.name not in wanted:
             stale.unlink()
+
+
+def summary(inventory: pd.DataFrame) -> str:
+    """What ingest found: series, studies, subjects, cases, and the reason codes."""
+    n_sel = int(inventory["selected"].sum())
+    head = (
+        f"{len(inventory)} series in {inventory['study_id'].nunique()} studies of "
+        f"{inventory['subject_id'].nunique()} subjects; {n_sel} selected as cases"
+    )
+    return head + "\n" + inventory.groupby("reason_code").size().to_string()

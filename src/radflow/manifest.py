@@ -25,9 +25,10 @@ import pandas as pd
 import pandera.pandas as pa
 
 import radflow
+from radflow import paths
 from radflow.io import write_json, write_table
 
-SPLITS = ("train", "val", "test")
+SPLITS = paths.SPLITS
 EXCLUDED_COLUMNS = ["id", "subject_id", "stage", "reason_code", "reason"]
 
 
@@ -197,17 +198,6 @@ def config_hash(config: Mapping[str, Any] | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def case_paths(case_id: str) -> dict[str, str]:
-    """Paths of one case's files, relative to the project directory."""
-    return {
-        "image": f"results/nifti/{case_id}.nii.gz",
-        "label_map": f"results/seg/{case_id}.nii.gz",
-        "masked": f"results/masked/{case_id}.nii.gz",
-        "roi": f"results/masked/{case_id}_roi.nii.gz",
-        "qc": f"results/qc/{case_id}.png",
-    }
-
-
 def build(
     inventory: pd.DataFrame,
     root: str | os.PathLike,
@@ -229,7 +219,7 @@ def build(
     ]
     rows = []
     for r in inventory[inventory["selected"]].itertuples():
-        paths = case_paths(r.case_id)
+        files = paths.case_files(r.case_id)
         if not r.has_label:
             excluded.append(
                 {
@@ -241,23 +231,28 @@ def build(
                 }
             )
             continue
-        status = json.loads(
-            (root / paths["masked"]).with_suffix("").with_suffix(".json").read_text()
-        )
-        if not status["usable"]:
+        status = json.loads((root / paths.for_case(paths.MASK_STATUS, r.case_id)).read_text())
+        if not status.get("usable") or status.get("status", "ok") != "ok":
+            failed = status.get("status", "ok") != "ok"
             excluded.append(
                 {
                     "id": r.case_id,
                     "subject_id": r.subject_id,
-                    "stage": "mask",
-                    "reason_code": "ROI",
+                    "stage": status.get("stage", "mask") if failed else "mask",
+                    "reason_code": status.get("reason_code", "") if failed else "ROI",
                     "reason": status["reason"],
                 }
             )
             continue
-        sidecar = json.loads(
-            (root / paths["image"]).with_suffix("").with_suffix(".json").read_text()
-        )
+        missing = [c for c, f in files.items() if not (root / f).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{r.case_id}: {', '.join(files[c] for c in missing)} missing although its "
+                f"records say the case is complete (deleted by hand?): delete "
+                f"{paths.for_case(paths.MASK_STATUS, r.case_id)} and "
+                f"{paths.for_case(paths.SIDECAR, r.case_id)} and rerun to remake it"
+            )
+        sidecar = json.loads((root / paths.for_case(paths.SIDECAR, r.case_id)).read_text())
         g = sidecar["geometry"]
         row = {
             "case_id": r.case_id,
@@ -265,7 +260,7 @@ def build(
             "study_id": r.study_id,
             "series_id": r.series_id,
             "label": int(r.label),
-            **paths,
+            **files,
             "image_nx": g["shape"][0],
             "image_ny": g["shape"][1],
             "image_nz": g["shape"][2],
@@ -279,7 +274,7 @@ def build(
             "masked_sy_mm": status["spacing_mm"][1],
             "masked_sz_mm": status["spacing_mm"][2],
             "roi_volume_ml": status["roi_ml"],
-            **{f"sha256_{k}": sha256(root / v) for k, v in paths.items()},
+            **{f"sha256_{k}": sha256(root / v) for k, v in files.items()},
             "slice_thickness_mm": r.slice_thickness_mm,
             "kernel": r.kernel,
             "manufacturer": r.manufacturer,
@@ -335,7 +330,7 @@ def write(
     write_table(registry, out_dir / "split_registry.csv")
 
 
-def run(
+def manifest(
     inventory_path: str | os.PathLike,
     root: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -346,7 +341,7 @@ def run(
 ) -> pd.DataFrame:
     """Build and write the manifests from the inventory; returns the cases table.
 
-    ``labels`` (an ``ingest.LabelSpec``) with ``id_map`` (the private id map, which holds the
+    ``labels`` (a ``labels.LabelSpec``) with ``id_map`` (the private id map, which holds the
     raw key column) joins the labels sheet here, so a new sheet reruns the manifest onward
     and never the indexing of the raw tree. Without them the inventory's labels are used.
     """
@@ -364,14 +359,18 @@ def run(
 
 def relabel(inventory: pd.DataFrame, spec: Any, id_map: str | os.PathLike | None) -> pd.DataFrame:
     """The inventory with ``label``/``has_label`` joined from the sheet through the id map."""
-    from radflow import ingest
+    from radflow import labels
 
     if id_map is None:
         raise ValueError("joining a labels sheet needs the private id map (--id-map)")
-    keys = pd.read_csv(id_map, dtype=str)[["series_id", spec.key]].drop_duplicates("series_id")
+    if str(id_map).endswith(".parquet"):  # raw values (the CSV's may be neutralised)
+        keys = pd.read_parquet(id_map, columns=["series_id", spec.key]).astype(str)
+    else:
+        keys = pd.read_csv(id_map, dtype=str)[["series_id", spec.key]]
+    keys = keys.drop_duplicates("series_id")
     inv = inventory.drop(columns=["label", "has_label"], errors="ignore")
     inv = inv.merge(keys, on="series_id", how="left")
-    inv = ingest.join_labels(inv, ingest.read_labels(spec), spec)
+    inv = labels.join_labels(inv, labels.read_labels(spec), spec)
     return inv.drop(columns=[spec.key])
 
 

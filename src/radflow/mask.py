@@ -21,7 +21,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from radflow import geometry
+from radflow import geometry, paths, status
+from radflow.ids import case_keys_reader, fill_template
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
 from radflow.settings import section
@@ -197,7 +198,7 @@ def apply_mask(
 
 
 def load_names(path: str | os.PathLike) -> dict[int, str]:
-    """Label id -> class name from a segment JSON sidecar."""
+    """Label id -> class name from a segment JSON record."""
     import json
 
     raw = json.loads(Path(path).read_text())
@@ -205,7 +206,7 @@ def load_names(path: str | os.PathLike) -> dict[int, str]:
     return {int(k): str(v) for k, v in labels.items()}
 
 
-def run(
+def mask(
     image_path: str | os.PathLike,
     seg_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -219,23 +220,35 @@ def run(
     reference: str | os.PathLike | None = None,
     reference_names: str | os.PathLike | None = None,
     case_id: str = "",
+    upstream: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Mask one case from files: masked volume, ROI mask, status JSON and optionally its QC.
 
     ``qc_png``: tri-planar picture with the ROI outline; ``seg_qc``: per-ROI volume table with
-    Dice/IoU against ``reference`` when one is given.
+    Dice/IoU against ``reference`` when one is given. ``upstream``: the case's records of
+    earlier stages (convert sidecar, label map JSON); when one says the case failed there, the
+    status carries that failure over, the QC picture says so, and no volume is written.
     """
+    names_path = names_path or paths.sidecar_of(seg_path)
+    for rec in (*upstream, names_path):
+        failed = status.read_upstream(rec, "segment") if Path(rec).exists() else None
+        if failed is not None:
+            return _carry_failure(
+                failed, settings, out_path, roi_path, status_path, qc_png, seg_qc, case_id
+            )
     img = nib.load(str(image_path))
     seg_img = nib.load(str(seg_path))
     if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
-        raise ValueError(f"{seg_path}: label map is not on the image grid (affines differ)")
-    names = load_names(names_path or names_path_of(seg_path))
+        raise ValueError(f"{case_id or seg_path}: label map is not on the image grid")
+    names = load_names(names_path)
     image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
     seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
     res = apply_mask(image, img.affine, seg, names, settings, threads)
     save_nifti(res.masked, res.affine, out_path, threads=threads)
     save_nifti(res.roi, res.affine, roi_path, threads=threads)
-    status = {
+    record = {
+        "status": status.OK,
+        "stage": "mask",
         "usable": res.usable,
         "reason": res.reason,
         "roi_ml": round(res.roi_ml, 3),
@@ -246,7 +259,6 @@ def run(
         "affine": np.round(res.affine, 6).tolist(),
         "settings": asdict(settings),
     }
-    write_json(status_path, status)
     if qc_png is not None:
         from radflow.qc import triplanar_png
 
@@ -255,22 +267,46 @@ def run(
             title += f"   EXCLUDED: {res.reason}"
         triplanar_png(image, img.affine, res.roi_on_input, qc_png, title)
     if seg_qc is not None:
-        import pandas as pd
-
-        from radflow.io import write_table
-        from radflow.qc import segmentation_rows
+        from radflow.qc import segmentation_rows, write_seg_qc
 
         ref = None
         if reference is not None:
             r = nib.load(str(reference))
-            ref_names = load_names(reference_names or names_path_of(reference))
+            ref_names = load_names(reference_names or paths.sidecar_of(reference))
             ref = (np.asanyarray(r.dataobj), r.affine, ref_names)
-        rows = segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref)
-        write_table(pd.DataFrame(rows), seg_qc)
-    return status
+        write_seg_qc(segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref), seg_qc)
+    write_json(status_path, record)  # last: the job's record says the outputs are complete
+    return record
 
 
-def names_path_of(label_map: str | os.PathLike) -> Path:
-    """The label-name JSON beside a label map (``x.nii.gz`` -> ``x.json``)."""
-    p = Path(label_map)
-    return p.with_name(p.name.removesuffix(".nii.gz") + ".json")
+def _carry_failure(
+    failed: dict[str, Any],
+    settings: MaskSettings,
+    out_path: str | os.PathLike,
+    roi_path: str | os.PathLike,
+    status_path: str | os.PathLike,
+    qc_png: str | os.PathLike | None,
+    seg_qc: str | os.PathLike | None,
+    case_id: str,
+) -> dict[str, Any]:
+    """Status, QC picture and table of a case that failed before masking."""
+    from radflow.qc import failure_png, write_seg_qc
+
+    status.remove_stale(out_path, roi_path)
+    record = {**failed, "usable": False, "rois": list(settings.rois), "settings": asdict(settings)}
+    if qc_png is not None:
+        failure_png(qc_png, f"{case_id}   {failed['stage']} failed: {failed['reason']}")
+    if seg_qc is not None:
+        write_seg_qc([], seg_qc)
+    write_json(status_path, record)
+    return record
+
+
+def reference_for(
+    case_id: str, template: str | None, id_map: str | os.PathLike | None
+) -> Path | None:
+    """A case's reference label map from ``qc.reference``'s template (None when absent)."""
+    if not template:
+        return None
+    path = Path(fill_template(template, case_keys_reader(id_map)(case_id)))
+    return path if path.exists() else None

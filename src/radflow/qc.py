@@ -132,3 +132,48 @@ def segmentation_rows(
             row["reference_volume_ml"] = row["dice"] = row["iou"] = float("nan")
         rows.append(row)
     return rows
+
+
+SEG_QC_COLUMNS = ["case_id", "roi", "volume_ml", "reference_volume_ml", "dice", "iou"]
+
+
+def write_seg_qc(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """One case's per-ROI segmentation table (a failed case: the header alone)."""
+    import pandas as pd
+
+    from radflow.io import write_table
+
+    write_table(pd.DataFrame(rows, columns=SEG_QC_COLUMNS), path)
+
+
+def concat_seg_qc(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Any:
+    """The cohort's segmentation table from the per-case ones; returns it."""
+    import pandas as pd
+
+    from radflow.io import write_table
+
+    frames = [pd.read_csv(p) for p in inputs]
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SEG_QC_COLUMNS)
+    write_table(df, out)
+    return df
+
+
+def failure_png(out_path: str | os.PathLike, text: str) -> None:
+    """The QC picture of a case that failed before masking: the reason, in words."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from radflow.io import atomic_path
+
+    fig = plt.figure(figsize=(12, 4.4), facecolor="black")
+    fig.text(
+        0.5, 0.5, "\n".join(textwrap.wrap(text, 90)), color="#ff8080", ha="center", va="center"
+    )
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, facecolor="black")
+    plt.close(fig)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from radflow import paths, status
+from radflow.ids import case_keys_reader, fill_template
 from radflow.io import save_nifti, write_json
 from radflow.settings import section
 
@@ -330,7 +331,7 @@ def load_precomputed(
     return data.astype(np.uint8), names
 
 
-def run(
+def segment_image(
     image_path: str | os.PathLike,
     out_path: str | os.PathLike,
     settings: SegmentSettings,
@@ -352,93 +353,127 @@ def run(
     save_nifti(data, img.affine, out_path, threads=threads)
     present = sorted(int(v) for v in np.unique(data) if v)
     info = {
+        "status": "ok",
         "labels": {str(k): v for k, v in sorted(names.items())},
         "present": {str(k): names.get(k, f"label_{k}") for k in present},
         "settings": asdict(settings),
         "device": resolve_device(settings.device) if settings.backend != "precomputed" else "n/a",
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json(names_path or Path(str(out_path).removesuffix(".nii.gz") + ".json"), info)
+    write_json(names_path or paths.sidecar_of(out_path), info)
     return info
 
 
-def case_of(image_path: str | os.PathLike) -> str:
-    """Case id of a converted image path (``results/nifti/{case}.nii.gz``)."""
-    return Path(image_path).name.removesuffix(".nii.gz")
+def group_of(case_id: str, batches: int) -> str:
+    """The segmentation group of a case: its own id when ``batches`` is 0, else its batch.
 
-
-def batch_of(case_id: str, batches: int) -> int:
-    """Stable batch of a case: its pseudonym's hash modulo the number of batches.
-
-    Cases keep their batch when the cohort grows or shrinks, so adding a case reruns one
-    batch, not all of them.
+    A batch is the pseudonym's hash modulo ``batches``: cases keep their batch when the cohort
+    grows or shrinks, so adding a case reruns one group, not all of them.
     """
-    return int(case_id.removeprefix("case-"), 16) % batches
+    if batches <= 0:
+        return case_id
+    return str(int(case_id.removeprefix("case-"), 16) % batches)
 
 
-def run_batch(
-    images: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
+def segment(
+    inputs: Sequence[str | os.PathLike],
+    seg_dir: str | os.PathLike,
+    record_path: str | os.PathLike,
     settings: SegmentSettings,
     threads: int = 1,
+    precomputed: str | None = None,
+    id_map: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Segment many images in one process: torch, nnU-Net and the model load once.
+    """Segment a group of cases in one process (torch, nnU-Net and the model load once).
 
-    Per case ``{case}.nii.gz`` and ``{case}.json`` in ``out_dir``; a case that fails leaves
-    ``{case}.error.txt`` with the reason instead, and the others go on (``segment-collect``
-    then fails that case alone). Missing weights fail the whole batch: no case could run.
-    Writes ``batch.json`` (cases, failures, seconds) last.
+    ``inputs``: each case's convert sidecar (``results/nifti/{case}.json``; a failed conversion
+    is carried over as that case's status) or its image (``.nii.gz``). Per case the label map
+    and its JSON go to ``seg_dir/{case}.nii.gz`` and ``.json``; a case that fails records why
+    (status ``failed``, stage, reason) and the others go on. A case whose label map already
+    exists for the same image bytes and settings (a group interrupted by a kill) is kept, not
+    segmented again. ``precomputed`` (backend precomputed) is a path template filled per case
+    from the private ``id_map``. The group's record is written last, atomically: it is the
+    job's output, so an interrupted group is rerun. Missing weights fail the whole group.
     """
-    if settings.backend != "totalsegmentator":
-        raise ValueError("batched segmentation is for the totalsegmentator backend")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_weights(settings)
+    seg_dir = Path(seg_dir)
     t0 = time.perf_counter()
-    done: dict[str, float] = {}
-    failed: dict[str, str] = {}
-    for image in images:
-        case = case_of(image)
+    if settings.backend == "totalsegmentator":
+        check_weights(settings)
+    keys = case_keys_reader(id_map) if precomputed else None
+    wanted = asdict(settings)
+    cases: dict[str, dict[str, Any]] = {}
+    for item in inputs:
+        case = paths.stem(item)
+        image = Path(item).with_name(f"{case}.nii.gz")
+        out, names = seg_dir / f"{case}.nii.gz", seg_dir / f"{case}.json"
+        upstream = status.read_upstream(item, "convert")
+        if upstream is not None:
+            cases[case] = upstream
+            status.remove_stale(out, names)
+            write_json(names, upstream)
+            print(f"{case}: skipped, {upstream['stage']} failed: {upstream['reason']}", flush=True)
+            continue
         try:
-            info = run(image, out / f"{case}.nii.gz", settings, out / f"{case}.json", None, threads)
-            done[case] = info["seconds"]
+            digest = sha256_file(image)
+            kept = _kept(out, names, digest, wanted)
+            if kept is not None:
+                cases[case] = {"status": "ok", "seconds": 0.0, "resumed": True}
+                print(f"{case}: kept from an interrupted run", flush=True)
+                continue
+            mask = None
+            if precomputed:
+                mask = fill_template(precomputed, keys(case))
+                if not Path(mask).exists():
+                    raise status.CaseFailedError(
+                        "PRECOMPUTED_MISSING", "no precomputed mask at segment.precomputed's path"
+                    )
+            info = segment_image(image, out, settings, names, mask, threads)
+            info["input_sha256"] = digest
+            write_json(names, info)
+            cases[case] = {"status": "ok", "seconds": info["seconds"]}
             print(f"{case}: {len(info['present'])} labels in {info['seconds']} s", flush=True)
         except WeightsMissingError:
             raise
-        except Exception as exc:  # one bad image must not sink the batch
-            failed[case] = f"{type(exc).__name__}: {exc}"
-            (out / f"{case}.error.txt").write_text(failed[case] + "\n")
-            print(f"{case}: FAILED: {failed[case]}", file=sys.stderr, flush=True)
-    summary = {
-        "cases": len(done) + len(failed),
-        "segmented": done,
-        "failed": failed,
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad image must not sink the group
+            rec = status.failure("segment", exc)
+            cases[case] = rec
+            status.remove_stale(out)
+            write_json(names, rec)
+            print(f"{case}: FAILED: {rec['reason']}", file=sys.stderr, flush=True)
+    record = {
+        "cases": cases,
+        "n_ok": sum(c["status"] == "ok" for c in cases.values()),
+        "n_failed": sum(c["status"] != "ok" for c in cases.values()),
+        "settings": wanted,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json(out / "batch.json", summary)
-    return summary
+    write_json(record_path, record)
+    return record
 
 
-def collect(
-    batch_dir: str | os.PathLike,
-    case: str,
-    out_path: str | os.PathLike,
-    names_path: str | os.PathLike,
-) -> None:
-    """Copy one case's label map and names out of its batch folder (atomically), or raise the
-    error the batch recorded for it."""
-    src = Path(batch_dir)
-    err = src / f"{case}.error.txt"
-    if err.exists():
-        raise RuntimeError(f"segmentation of {case} failed in {src}: {err.read_text().strip()}")
-    for name, dst in ((f"{case}.nii.gz", out_path), (f"{case}.json", names_path)):
-        if not (src / name).exists():
-            raise FileNotFoundError(f"{src / name} is missing: was {case} in this batch?")
-        dst = Path(dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, dst)
+def _kept(out: Path, names: Path, digest: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a label map finished earlier for the same image and settings, else None."""
+    if not (out.exists() and names.exists()):
+        return None
+    try:
+        info = json.loads(names.read_text())
+    except (OSError, ValueError):
+        return None
+    same = info.get("input_sha256") == digest and info.get("settings") == settings
+    return info if same and info.get("status") == "ok" else None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def known_rois(task: str) -> Sequence[str]:

@@ -1,13 +1,18 @@
+def case_filelist(wildcards):
+    inventory()  # the file lists exist once the ingest checkpoint has run
+    return paths.FILE_LIST.format(case=wildcards.case)
+
+
+# The job's output is the sidecar, written last: the volume beside it when the series converts,
+# else the case's failed record (radflow convert --record-failure), so a bad case fails alone.
 rule convert:
     input:
         # ancient: the edge from ingest without re-converting every case whenever the
-        # inventory is rewritten; the per-case file list is what triggers a conversion (the
-        # inventory gives the sidecar its series pseudonym, fixed by the case id and the salt)
-        inventory=ancient("results/inventory/series.csv"),
+        # inventory is rewritten; the case's file list is what triggers a conversion
+        inventory=ancient(paths.INVENTORY_CSV),
         files=case_filelist,
     output:
-        nifti="results/nifti/{case}.nii.gz",
-        sidecar="results/nifti/{case}.json",
+        sidecar=paths.SIDECAR,
     log:
         "logs/convert/{case}.log",
     benchmark:
@@ -19,12 +24,13 @@ rule convert:
         mem_mb=4000,
     params:
         settings=as_json(without(config["convert"], "threads")),
+        nifti=paths.NIFTI,
     shell:
-        "radflow convert {input.files:q} {output.nifti:q} --sidecar {output.sidecar:q} "
-        "--settings {params.settings:q} --case-id {wildcards.case} "
-        "--inventory {input.inventory:q} --threads {threads} > {log} 2>&1"
+        "radflow convert {input.files:q} {params.nifti:q} --sidecar {output.sidecar:q} "
+        "--settings {params.settings:q} --case-id {wildcards.case:q} "
+        "--inventory {input.inventory:q} --record-failure --threads {threads} > {log:q} 2>&1"
 
 
 rule convert_all:
     input:
-        converted,
+        per_case(paths.SIDECAR),

@@ -1,25 +1,25 @@
 rule evaluate:
     input:
-        checkpoint="results/train/best.pt",
-        history="results/train/history.csv",
-        manifest="manifests/cases.parquet",
+        checkpoint=paths.CHECKPOINT,
+        history=paths.HISTORY,
+        manifest=paths.CASES_PARQUET,
     output:
-        predictions="results/eval/predictions.csv",
-        metrics="results/eval/metrics.json",
+        predictions=paths.PREDICTIONS,
+        metrics=paths.METRICS,
         roc=report(
-            "results/eval/roc.png",
+            f"{paths.EVAL_DIR}/roc.png",
             caption="../report/roc.rst",
             category="Evaluation",
             labels={"figure": "ROC"},
         ),
         confusion=report(
-            "results/eval/confusion.png",
+            f"{paths.EVAL_DIR}/confusion.png",
             caption="../report/confusion.rst",
             category="Evaluation",
             labels={"figure": "confusion matrix"},
         ),
         curves=report(
-            "results/eval/training_curves.png",
+            f"{paths.EVAL_DIR}/training_curves.png",
             caption="../report/training_curves.rst",
             category="Training",
             labels={"figure": "training curves"},
@@ -35,9 +35,10 @@ rule evaluate:
         mem_mb=8000,
         gpu=0 if config["train"]["device"] == "cpu" else 1,
     params:
-        bootstrap=config["evaluate"]["bootstrap"],
+        settings=as_json(config["evaluate"]),
         device=config["train"]["device"],
+        out=paths.EVAL_DIR,
     shell:
-        "radflow evaluate {input.checkpoint:q} {input.manifest:q} results/eval --root . "
-        "--history {input.history:q} --device {params.device} "
-        "--bootstrap {params.bootstrap} --threads {threads} > {log} 2>&1"
+        "radflow evaluate {input.checkpoint:q} {input.manifest:q} {params.out:q} --root . "
+        "--history {input.history:q} --device {params.device:q} "
+        "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"

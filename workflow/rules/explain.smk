@@ -1,17 +1,41 @@
+def _explain_info(name):
+    with open(f"{paths.EXPLAIN_DIR}/{name}.json") as fh:
+        return json.load(fh)
+
+
+def explain_subcategory(wildcards):
+    """Report subcategory: the case's outcome (TP, FP, FN, TN), or the cohort pages."""
+    if not wildcards.name.startswith("case-"):
+        return "review and faithfulness"
+    return _explain_info(wildcards.name)["group"]
+
+
+def explain_labels(wildcards):
+    if not wildcards.name.startswith("case-"):
+        return {"figure": wildcards.name}
+    info = _explain_info(wildcards.name)
+    return {
+        "case": wildcards.name,
+        "split": info["split"],
+        "probability": f"{info['probability']:.3f}",
+        "label": str(info["label"]),
+    }
+
+
 # One job for the cohort: the model is loaded once and every case of explain.splits gets its
 # CAM volumes, picture and numbers in results/explain/, with the review page and the
 # faithfulness summary (a job per case would pay a torch start-up per case, and a checkpoint
 # on the manifest makes Snakemake's DAG update quadratic on large cohorts).
 rule explain:
     input:
-        checkpoint="results/train/best.pt",
-        manifest="manifests/cases.parquet",
-        predictions="results/eval/predictions.csv",
-        metrics="results/eval/metrics.json",
-        id_map="results/private/id_map.csv",
+        checkpoint=paths.CHECKPOINT,
+        manifest=paths.CASES_PARQUET,
+        predictions=paths.PREDICTIONS,
+        metrics=paths.METRICS,
+        id_map=paths.ID_MAP_PARQUET,
     output:
         report(
-            directory("results/explain"),
+            directory(paths.EXPLAIN_DIR),
             patterns=["{name}.{ext,(png|html)}"],
             caption="../report/explain.rst",
             category="Grad-CAM",
@@ -32,15 +56,15 @@ rule explain:
         settings=as_json(
             without(config["explain"], "threads", "splits", "lesion_reference")
         ),
-        splits=" ".join(config["explain"]["splits"]),
-        lesion=lambda wc: opt("--lesion-template", lesion_template()),
+        splits=config["explain"]["splits"],
+        lesion=opt("--lesion-template", config["explain"].get("lesion_reference")),
     shell:
         "radflow explain {input.checkpoint:q} {input.manifest:q} {output:q} "
         "--predictions {input.predictions:q} --metrics {input.metrics:q} "
-        "--splits {params.splits} --id-map {input.id_map:q} {params.lesion} --root . "
-        "--settings {params.settings:q} --threads {threads} > {log} 2>&1"
+        "--splits {params.splits:q} --id-map {input.id_map:q} {params.lesion} --root . "
+        "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule explain_all:
     input:
-        "results/explain",
+        paths.EXPLAIN_DIR,

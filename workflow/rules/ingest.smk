@@ -1,12 +1,21 @@
+def selection_rules():
+    """ingest.selection plus the convert limits that make a series usable."""
+    rules = dict(config["ingest"]["selection"])
+    rules["max_missing_slices"] = config["convert"]["max_missing_slices"]
+    rules["gantry_tilt"] = config["convert"]["gantry_tilt"]
+    return rules
+
+
 checkpoint ingest:
     input:
         raw=config["raw_dir"],
     output:
-        csv="results/inventory/series.csv",
-        parquet="results/inventory/series.parquet",
-        rejected="results/inventory/rejected_files.csv",
-        id_map="results/private/id_map.csv",
-        rejected_private="results/private/rejected_files.csv",
+        csv=paths.INVENTORY_CSV,
+        parquet=paths.INVENTORY_PARQUET,
+        rejected=paths.REJECTED_FILES,
+        id_map=paths.ID_MAP,
+        id_map_parquet=paths.ID_MAP_PARQUET,
+        rejected_private=paths.REJECTED_FILES_PRIVATE,
     log:
         "logs/ingest.log",
     benchmark:
@@ -18,8 +27,11 @@ checkpoint ingest:
         mem_mb=2000,
     params:
         selection=as_json(selection_rules()),
-        salt=config["ids"]["salt"],
+        # the salt reaches the job through the environment (common.smk); its fingerprint
+        # reruns ingest when it changes
+        salt=fingerprint(config["ids"]["salt"]),
+        out=os.path.dirname(paths.INVENTORY_CSV),
+        private=paths.PRIVATE,
     shell:
-        "radflow ingest {input.raw:q} results/inventory --private-dir results/private "
-        "--selection {params.selection:q} --salt {params.salt:q} "
-        "--threads {threads} > {log} 2>&1"
+        "radflow ingest {input.raw:q} {params.out:q} --private-dir {params.private:q} "
+        "--selection {params.selection:q} --threads {threads} > {log:q} 2>&1"

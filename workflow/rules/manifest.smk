@@ -1,17 +1,52 @@
+MANIFESTS = [
+    paths.CASES_CSV,
+    paths.CASES_PARQUET,
+    paths.EXCLUDED,
+    paths.DATALIST,
+] + [paths.SPLIT_CSV.format(split=s) for s in paths.SPLITS]
+
+# Config sections that shape the cases a manifest describes (not train/evaluate/explain:
+# changing those must not rerun the manifest and everything after it).
+UPSTREAM = (
+    "raw_dir",
+    "labels",
+    "ids",
+    "ingest",
+    "convert",
+    "segment",
+    "mask",
+    "qc",
+    "manifest",
+)
+
+
+def config_hash():
+    # how the work is spread (threads, segmentation batches) does not change the cases; the
+    # salt is in it only through its fingerprint
+    def what(k, v):
+        if k == "ids":
+            return {"salt": fingerprint(v["salt"])}
+        return without(v, "threads", "batches") if isinstance(v, dict) else v
+
+    text = as_json({k: what(k, config.get(k)) for k in UPSTREAM})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 rule manifest:
     input:
-        inventory="results/inventory/series.parquet",
+        inventory=paths.INVENTORY_PARQUET,
         # labels are joined here (through the private id map's raw keys), not at ingest:
         # a new sheet reruns the manifest onward, never the indexing of the raw tree
-        id_map="results/private/id_map.csv",
+        id_map=paths.ID_MAP_PARQUET,
         labels=label_inputs(),
-        cases=case_outputs,
+        # each case's mask record (it carries an earlier stage's failure) and QC picture
+        cases=per_case(paths.MASK_STATUS, paths.QC_PNG),
     output:
-        cases_csv="manifests/cases.csv",
-        cases_parquet="manifests/cases.parquet",
-        excluded="manifests/excluded.csv",
-        datalist="manifests/datalist.json",
-        splits=expand("manifests/split_{split}.csv", split=SPLITS),
+        cases_csv=paths.CASES_CSV,
+        cases_parquet=paths.CASES_PARQUET,
+        excluded=paths.EXCLUDED,
+        datalist=paths.DATALIST,
+        splits=[paths.SPLIT_CSV.format(split=s) for s in paths.SPLITS],
     log:
         "logs/manifest.log",
     benchmark:
@@ -24,8 +59,9 @@ rule manifest:
     params:
         settings=as_json(config["manifest"]),
         config_hash=config_hash(),
-        labels=label_args(),
+        labels=as_json(config["labels"]),
+        out=paths.MANIFESTS,
     shell:
-        "radflow manifest {input.inventory:q} manifests --root . "
-        "--settings {params.settings:q} --config-hash {params.config_hash} "
-        "{params.labels} --id-map {input.id_map:q} > {log} 2>&1"
+        "radflow manifest {input.inventory:q} {params.out:q} --root . "
+        "--settings {params.settings:q} --config-hash {params.config_hash:q} "
+        "--labels {params.labels:q} --id-map {input.id_map:q} > {log:q} 2>&1"

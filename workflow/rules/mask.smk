@@ -1,21 +1,42 @@
+from radflow.mask import validate_roi_names
+from radflow.segment import known_rois
+
+
+def validate_rois():
+    """mask.rois must be class names of the segmentation task (close matches suggested)."""
+    validate_roi_names(config["mask"]["rois"], known_rois(config["segment"]["task"]))
+
+
+validate_rois()
+
+
+def case_group(wildcards):
+    return paths.SEG_GROUP.format(group=group_of(wildcards.case, BATCHES))
+
+
+def mask_options():
+    """qc.reference: a template filled in the job from the private id map (it may name UIDs)."""
+    ref = config["qc"].get("reference")
+    if not ref:
+        return ""
+    return f"{opt('--reference-template', ref)} {opt('--id-map', paths.ID_MAP_PARQUET)}"
+
+
 rule mask:
     input:
-        # the label map, or with segment.batches its batch's folder (mask then places the
-        # label map at results/seg/{case}.nii.gz itself, see batch_seg_outputs)
-        **mask_inputs(),
+        sidecar=paths.SIDECAR,
+        # the case's segmentation group (fixed pattern with a group per case: no function call)
+        group=case_group if BATCHES else paths.SEG_GROUP.replace("{group}", "{case}"),
     output:
-        **batch_seg_outputs(),
-        masked="results/masked/{case}.nii.gz",
-        roi="results/masked/{case}_roi.nii.gz",
-        status="results/masked/{case}.json",
+        status=paths.MASK_STATUS,
         qc=report(
-            "results/qc/{case}.png",
+            paths.QC_PNG,
             caption="../report/qc.rst",
             category="QC",
             subcategory="segmentation",
             labels={"case": "{case}"},
         ),
-        seg_qc="results/qc/{case}_segmentation.csv",
+        seg_qc=paths.SEG_QC,
     log:
         "logs/mask/{case}.log",
     benchmark:
@@ -26,21 +47,26 @@ rule mask:
     resources:
         mem_mb=3000,
     params:
-        **mask_params(),
+        settings=as_json(without(config["mask"], "threads")),
+        image=paths.NIFTI,
+        seg=paths.SEG,
+        seg_record=paths.SEG_NAMES,
+        masked=paths.MASKED,
+        roi=paths.ROI,
+        options=mask_options(),
     shell:
-        "radflow mask {input.image:q} results/seg/{wildcards.case}.nii.gz {output.masked:q} "
-        + mask_options()
-        + "--roi-out {output.roi:q} --status {output.status:q} "
-        "--qc {output.qc:q} --seg-qc {output.seg_qc:q} "
-        "--settings {params.settings:q} --case-id {wildcards.case} --threads {threads} "
-        "> {log} 2>&1"
+        "radflow mask {params.image:q} {params.seg:q} {params.masked:q} "
+        "--roi-out {params.roi:q} --status {output.status:q} --qc {output.qc:q} "
+        "--seg-qc {output.seg_qc:q} --upstream {input.sidecar:q} {params.seg_record:q} "
+        "--settings {params.settings:q} --case-id {wildcards.case:q} {params.options} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule qc_table:
     input:
-        lambda wc: expand("results/qc/{case}_segmentation.csv", case=cases()),
+        per_case(paths.SEG_QC),
     output:
-        "results/qc/segmentation.csv",
+        paths.SEG_QC_TABLE,
     log:
         "logs/qc_table.log",
     benchmark:
@@ -49,9 +75,10 @@ rule qc_table:
         "../../envs/mask.yaml"
     threads: 1
     shell:
-        "radflow qc-table {output:q} {input:q} > {log} 2>&1"
+        "radflow qc-table {output:q} {input:q} > {log:q} 2>&1"
 
 
 rule mask_all:
     input:
-        masked,
+        per_case(paths.MASK_STATUS),
+        paths.SEG_QC_TABLE,

@@ -1,9 +1,9 @@
 rule train:
     input:
-        manifest="manifests/cases.parquet",
+        manifest=paths.CASES_PARQUET,
     output:
-        best="results/train/best.pt",
-        history="results/train/history.csv",
+        best=paths.CHECKPOINT,
+        history=paths.HISTORY,
     log:
         "logs/train.log",
     benchmark:
@@ -16,18 +16,19 @@ rule train:
         gpu=0 if config["train"]["device"] == "cpu" else 1,
     params:
         settings=as_json(without(config["train"], "threads")),
+        out=paths.TRAIN_DIR,
     shell:
         # results/train/last.pt is not an output on purpose: a restarted job resumes from it
-        "radflow train {input.manifest:q} results/train --root . "
-        "--settings {params.settings:q} --threads {threads} > {log} 2>&1"
+        "radflow train {input.manifest:q} {params.out:q} --root . "
+        "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule train_fold:
     input:
-        manifest="manifests/cases.parquet",
+        manifest=paths.CASES_PARQUET,
     output:
-        best="results/cv/fold{fold}/best.pt",
-        history="results/cv/fold{fold}/history.csv",
+        best=f"{paths.CV_DIR}/best.pt",
+        history=f"{paths.CV_DIR}/history.csv",
     log:
         "logs/train_fold{fold}.log",
     benchmark:
@@ -42,20 +43,20 @@ rule train_fold:
         settings=lambda wc: as_json(
             {**without(config["train"], "threads"), "fold": int(wc.fold)}
         ),
-        out=lambda wc: f"results/cv/fold{wc.fold}",
+        out=paths.CV_DIR,
     shell:
-        "radflow train {input.manifest:q} {params.out} --root . "
-        "--settings {params.settings:q} --threads {threads} > {log} 2>&1"
+        "radflow train {input.manifest:q} {params.out:q} --root . "
+        "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule cv_summary:
     input:
         expand(
-            "results/cv/fold{fold}/history.csv",
+            f"{paths.CV_DIR}/history.csv",
             fold=range(config["manifest"]["folds"]),
         ),
     output:
-        "results/cv/summary.json",
+        paths.CV_SUMMARY,
     log:
         "logs/cv_summary.log",
     benchmark:
@@ -64,4 +65,4 @@ rule cv_summary:
         "../../envs/train.yaml"
     threads: 1
     shell:
-        "radflow cv-summary {output:q} {input:q} > {log} 2>&1"
+        "radflow cv-summary {output:q} {input:q} > {log:q} 2>&1"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from radflow.demo import ORGAN_LABELS, Phantom
+from radflow.demo.cohort import ORGAN_LABELS, Phantom
 
 DATASET = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
