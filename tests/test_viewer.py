@@ -8,12 +8,20 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
+from importlib import resources
 
 import numpy as np
 import pytest
 
-from radflow.viewer import ViewerCase, order_cases, write_viewer
+from radflow.viewer import (
+    BLOCK_PLACEHOLDERS,
+    PLACEHOLDERS,
+    ViewerCase,
+    order_cases,
+    write_viewer,
+)
 
 SHAPE = (24, 20, 16)  # X (toward patient's right), Y (anterior), Z (superior)
 SPACING = (1.5, 1.2, 2.5)
@@ -140,6 +148,40 @@ def test_bad_input_is_refused(tmp_path):
     assert not out.exists()
     write_viewer([], out)  # an empty cohort still gets a page (it says there are no cases)
     assert page_data(out.read_text())["cases"] == []
+
+
+def asset(name: str) -> str:
+    return resources.files("radflow.viewer").joinpath(name).read_text(encoding="utf-8")
+
+
+def test_page_template_has_each_placeholder_once():
+    page = asset("page.html")
+    assert sorted(re.findall(r"\{\{(\w+)\}\}", page)) == sorted(PLACEHOLDERS)
+    for name in PLACEHOLDERS:
+        assert page.count("{{" + name + "}}") == 1, name
+    lines = page.splitlines()
+    for name in BLOCK_PLACEHOLDERS:  # replaced with its whole line
+        assert "{{" + name + "}}" in lines, f"{{{{{name}}}}} must stand alone on its line"
+    assert "<!--" not in page  # would reach every page (and the escaping test rejects it)
+
+
+def test_styles_and_script_can_be_inlined():
+    css, js = asset("review.css"), asset("review.js")
+    assert "</style" not in css.lower() and "</script" not in js.lower() and "<!--" not in js
+    depth = 0
+    for ch in re.sub(r"/\*.*?\*/", "", css, flags=re.S):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0, "unbalanced } in review.css"
+    assert depth == 0, "unbalanced { in review.css"
+
+
+def test_script_parses():
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH: review.js not syntax-checked")
+    with resources.as_file(resources.files("radflow.viewer").joinpath("review.js")) as js:
+        run = subprocess.run([node, "--check", str(js)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 # ---------------------------------------------------------------- browser
