@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+import _results
 from radflow.demo import VENDORS, Phantom, SeriesSpec, StudySpec, SubjectSpec, write_series
 
 MEASURE = (
@@ -86,7 +87,9 @@ def main() -> None:
     ap.add_argument(
         "--dicom2nifti", action="store_true", help="also time dicom2nifti.dicom_series_to_nifti"
     )
+    _results.add_argument(ap)
     args = ap.parse_args()
+    _results.start("convert_speed", args)
 
     work = Path(args.workdir)
     series = work / "series"
@@ -172,3 +175,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    _results.finish()

@@ -60,6 +60,8 @@ import pandas as pd
 import psutil
 import yaml
 
+import _results
+
 REPO = Path(__file__).resolve().parents[1]
 ARRAY_RULES = ("convert", "segment", "segment_batch", "mask")  # profiles/slurm
 
@@ -408,7 +410,9 @@ def main() -> int:
         "with nothing to do, and after a mask setting changed (every mask and what follows "
         "to rerun)",
     )
+    _results.add_argument(ap)
     args = ap.parse_args()
+    _results.start("dag_scale", args)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
     root = Path(tempfile.mkdtemp(prefix="radflow-dag-"))
@@ -488,4 +492,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    _results.finish()
+    sys.exit(rc)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+import _results
+
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM = REPO / "resources" / "totalseg_phantom"
 
@@ -79,7 +81,9 @@ def main() -> None:
         default=320,
         help="cap on the features per stage (320: nnU-Net's default network)",
     )
+    _results.add_argument(ap)
     args = ap.parse_args()
+    _results.start("model_reuse", args)
     import totalsegmentator.nnunet  # noqa: F401  (its runtime patches, as in a real run)
 
     from radflow import segment
@@ -102,3 +106,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    _results.finish()

@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+import _results
 from radflow.demo import phantom_model
 from radflow.io import save_nifti
 
@@ -39,7 +40,9 @@ def main() -> None:
     ap.add_argument("--weights-dir", default=str(REPO / "resources" / "totalseg_phantom"))
     ap.add_argument("--workdir", default="/tmp/radflow-bench-segment")
     ap.add_argument("--batch", type=int, default=0, help="also compare N cases batched")
+    _results.add_argument(ap)
     args = ap.parse_args()
+    _results.start("segment_speed", args)
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -131,3 +134,4 @@ def batched(work: Path, args: argparse.Namespace, radflow: str) -> None:
 
 if __name__ == "__main__":
     main()
+    _results.finish()

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import _results
 from radflow import manifest, train
 from radflow.io import save_nifti
 
@@ -94,7 +95,9 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--manifest", default=None, help="a real manifests/cases.parquet instead")
+    _results.add_argument(ap)
     args = ap.parse_args()
+    _results.start("train_throughput", args)
 
     torch.set_num_threads(args.threads)
     device = train.resolve_device(args.device)
@@ -142,3 +145,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    _results.finish()
