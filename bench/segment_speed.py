@@ -3,9 +3,9 @@ radflow's in-process sequential route, on the shipped phantom model (or --weight
 
 Each run is a fresh `radflow segment` process, as a Snakemake job is. Prints median wall time of
 each path, the ratio, and whether both label maps are identical. With ``--batch N`` it also
-segments N phantom images as N fresh processes (segment.batches: 0) and as one
-`radflow segment-batch` process (segment.batches > 0), and prints seconds per case of each and
-their ratio. Usage:
+segments N phantom images as N fresh processes (segment.batches: 0, a group per case) and
+as one `radflow segment` process for the group (segment.batches > 0), and prints seconds per
+case of each and their ratio. Usage:
 
     python bench/segment_speed.py [--repeats 3] [--threads 2] [--device cpu] [--batch 8]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,14 +61,18 @@ def main() -> None:
                 "device": args.device,
                 "sequential": mode == "sequential",
             }
-            out = work / f"{mode}.nii.gz"
+            out = work / mode
+            shutil.rmtree(out, ignore_errors=True)  # a kept label map would be reused
             t = time.perf_counter()
             subprocess.run(
                 [
                     radflow,
                     "segment",
                     str(work / "ct.nii.gz"),
+                    "--seg-dir",
                     str(out),
+                    "--record",
+                    str(out / "group.json"),
                     "--threads",
                     str(args.threads),
                     "--settings",
@@ -77,7 +82,7 @@ def main() -> None:
                 capture_output=True,
             )
             times[mode].append(time.perf_counter() - t)
-            inner[mode].append(json.loads((work / f"{mode}.json").read_text())["seconds"])
+            inner[mode].append(json.loads((out / "ct.json").read_text())["seconds"])
     for mode in times:
         print(
             f"{mode:10s} process median {statistics.median(times[mode]):6.2f} s; "
@@ -85,8 +90,8 @@ def main() -> None:
         )
     ratio = statistics.median(times["sequential"]) / statistics.median(times["default"])
     print(f"ratio sequential / default wall time: {ratio:.2f}")
-    a = np.asanyarray(nib.load(work / "default.nii.gz").dataobj)
-    b = np.asanyarray(nib.load(work / "sequential.nii.gz").dataobj)
+    a = np.asanyarray(nib.load(work / "default" / "ct.nii.gz").dataobj)
+    b = np.asanyarray(nib.load(work / "sequential" / "ct.nii.gz").dataobj)
     print(
         f"identical label maps: {np.array_equal(a, b)}; liver Dice vs phantom truth: "
         f"{phantom_model.dice_per_class(b, truth)['liver']:.3f}"
@@ -107,15 +112,18 @@ def batched(work: Path, args: argparse.Namespace, radflow: str) -> None:
         save_nifti(hu.astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0]), images[-1])
     settings = json.dumps({"weights_dir": args.weights_dir, "device": args.device})
     common = ["--threads", str(args.threads), "--settings", settings]
+    for d in ("single", "batch"):
+        shutil.rmtree(work / d, ignore_errors=True)
     t = time.perf_counter()
-    for img in images:
-        out = work / "single" / img.name
-        out.parent.mkdir(exist_ok=True)
-        cmd = [radflow, "segment", str(img), str(out), *common]
-        subprocess.run(cmd, check=True, capture_output=True)
+    for i, img in enumerate(images):
+        out = work / "single"
+        cmd = [radflow, "segment", str(img), "--seg-dir", str(out), "--record"]
+        subprocess.run([*cmd, str(out / f"g{i}.json"), *common], check=True, capture_output=True)
     single = (time.perf_counter() - t) / len(images)
     t = time.perf_counter()
-    cmd = [radflow, "segment-batch", *map(str, images), "--out-dir", str(work / "batch"), *common]
+    out = work / "batch"
+    cmd = [radflow, "segment", *map(str, images), "--seg-dir", str(out), "--record"]
+    cmd += [str(out / "group.json")] + common
     subprocess.run(cmd, check=True, capture_output=True)
     batch = (time.perf_counter() - t) / len(images)
     same = all(

@@ -149,7 +149,7 @@ def test_precomputed_backend_resamples_to_image_grid(tmp_path):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_totalsegmentator_on_gpu(tmp_path, no_network):
     _aff, truth = _phantom_image(tmp_path)
-    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="gpu")
+    settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cuda")
     info = segment.segment_image(
         tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", settings, threads=2
     )

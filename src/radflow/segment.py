@@ -58,7 +58,7 @@ class SegmentSettings:
     task: str = "total"
     fast: bool = True
     roi_subset: tuple[str, ...] | None = None
-    device: str = "auto"  # auto | cpu | gpu | gpu:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     weights_dir: str = "resources/totalseg_phantom"
     sequential: bool = True
 
@@ -272,12 +272,13 @@ def reuse_loaded_models() -> None:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``gpu`` when torch sees CUDA, else ``cpu``; other values pass through."""
-    if device != "auto":
-        return device
-    import torch
+    """The configured device (auto, cpu, cuda, cuda:N) as TotalSegmentator names it."""
+    from radflow.model import resolve_device as torch_device
 
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    d = torch_device(device)
+    if d.type == "cuda":
+        return "gpu" if d.index is None else f"gpu:{d.index}"
+    return d.type
 
 
 def run_totalsegmentator(
