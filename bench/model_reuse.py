@@ -32,6 +32,7 @@ def write_model(root: Path, max_features: int = 320) -> tuple[Path, int]:
     """The phantom model folder with a 6-stage 3d_fullres network (features capped at
     ``max_features``); returns the trainer folder and the network's parameter count."""
     from radflow.demo.phantom_model import build_network
+    from radflow.nnunet_patches import write_sha256sums
 
     shutil.copytree(PHANTOM, root, dirs_exist_ok=True)
     folder = next(root.glob("Dataset297*/nnUNet*"))
@@ -49,13 +50,14 @@ def write_model(root: Path, max_features: int = 320) -> tuple[Path, int]:
     n_out = len(json.loads((folder / "dataset.json").read_text())["labels"])
     net = build_network(n_out, arch)  # as nnU-Net's predictor will build it
     path = folder / "fold_0" / "checkpoint_final.pth"
-    ck = torch.load(path, weights_only=False)  # the phantom's: trainer name, init args, ...
+    ck = torch.load(path, weights_only=True)  # the phantom's: trainer name, init args, ...
     params = list(net.parameters())
     ck["network_weights"] = net.state_dict()  # some tensors under two names, stored once
     ck["optimizer_state"] = {  # SGD with momentum, as nnU-Net trains: one buffer a parameter
         "state": {i: {"momentum_buffer": p.detach().clone()} for i, p in enumerate(params)}
     }
     torch.save(ck, path)
+    write_sha256sums(folder)  # the phantom's SHA256SUMS no longer holds: record the new files
     return folder, sum(p.numel() for p in params)
 
 

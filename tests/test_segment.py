@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from radflow import segment
+from radflow import nnunet_patches, segment
 from radflow.demo import phantom_model
 from radflow.io import save_nifti
 
@@ -119,7 +119,7 @@ def test_torch_threads_are_bounded():
     import torch
 
     before = torch.get_num_threads()
-    with segment.bounded_torch_threads(1):
+    with nnunet_patches.bounded_torch_threads(1):
         torch.set_num_threads(64)  # what TotalSegmentator does on CPU
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
@@ -251,13 +251,13 @@ def test_a_batch_loads_each_model_once_with_identical_labels(tmp_path, monkeypat
         _phantom_image(tmp_path, seed=seed)
         (tmp_path / "ct.nii.gz").rename(nifti / f"{name}.nii.gz")
     settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), device="cpu")
-    monkeypatch.setattr(segment, "_LOADED_MODELS", {})
+    monkeypatch.setattr(nnunet_patches, "_LOADED_MODELS", {})
     images = [nifti / "case-00000000000a.nii.gz", nifti / "case-00000000000b.nii.gz"]
     rec = segment.segment(images, tmp_path / "batch", tmp_path / "g.json", settings, threads=2)
     assert rec["n_ok"] == 2
     assert loads.count("checkpoint_final.pth") == 1, loads  # one model (total, fast), once
     # case b alone, the model loaded afresh: the same labels as with the kept model
-    monkeypatch.setattr(segment, "_LOADED_MODELS", {})
+    monkeypatch.setattr(nnunet_patches, "_LOADED_MODELS", {})
     segment.segment_image(images[1], tmp_path / "alone.nii.gz", settings, threads=2)
     assert loads.count("checkpoint_final.pth") == 2
     kept = np.asanyarray(nib.load(tmp_path / "batch" / "case-00000000000b.nii.gz").dataobj)

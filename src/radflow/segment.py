@@ -36,6 +36,13 @@ import numpy as np
 from radflow import paths, status
 from radflow.ids import case_keys_reader, fill_template
 from radflow.io import save_nifti, write_json
+from radflow.nnunet_patches import (
+    UntrustedWeightsError,
+    bounded_torch_threads,
+    reuse_loaded_models,
+    use_sequential_prediction,
+    verify_model_folder,
+)
 from radflow.settings import section
 
 OFFLINE_CONFIG = {
@@ -143,132 +150,6 @@ def offline_environment(weights_dir: Path, threads: int) -> Iterator[Path]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-
-
-@contextlib.contextmanager
-def bounded_torch_threads(threads: int) -> Iterator[None]:
-    """Cap torch threads at ``threads``: TotalSegmentator asks for every core on CPU."""
-    import torch
-
-    original = torch.set_num_threads
-    before = torch.get_num_threads()
-    original(threads)
-    torch.set_num_threads = lambda n: original(max(1, min(int(n), threads)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads = original
-        original(before)
-
-
-_SEQUENTIAL_PATCHED = False
-
-
-def use_sequential_prediction() -> None:
-    """Route nnU-Net's multi-process ``predict_from_files`` to its in-process sequential twin.
-
-    TotalSegmentator's own runtime patch of the predictor must be installed first (importing
-    ``totalsegmentator.nnunet`` does it), or it would skip patching the other methods.
-    """
-    global _SEQUENTIAL_PATCHED
-    if _SEQUENTIAL_PATCHED:
-        return
-    import importlib
-
-    importlib.import_module("totalsegmentator.nnunet")
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    def predict_from_files(
-        self: Any,
-        list_of_lists_or_source_folder: Any,
-        output_folder_or_list_of_truncated_output_files: Any,
-        save_probabilities: bool = False,
-        overwrite: bool = True,
-        num_processes_preprocessing: int | None = None,
-        num_processes_segmentation_export: int | None = None,
-        folder_with_segs_from_prev_stage: str | None = None,
-        num_parts: int = 1,
-        part_id: int = 0,
-        **kwargs: Any,
-    ) -> Any:
-        src = list_of_lists_or_source_folder
-        if isinstance(src, str):  # listing a folder would start a fork pool of 12
-            ending = self.dataset_json["file_ending"]
-            src = [[str(p)] for p in sorted(Path(src).glob(f"*_0000{ending}"))]
-        return self.predict_from_files_sequential(
-            src,
-            output_folder_or_list_of_truncated_output_files,
-            save_probabilities=save_probabilities,
-            overwrite=overwrite,
-            folder_with_segs_from_prev_stage=folder_with_segs_from_prev_stage,
-            **kwargs,
-        )
-
-    nnUNetPredictor.predict_from_files = predict_from_files
-    _SEQUENTIAL_PATCHED = True
-
-
-_LOADED_MODELS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-_REUSE_PATCHED = False
-
-
-def reuse_loaded_models() -> None:
-    """Load each nnU-Net model once per process instead of once per image.
-
-    TotalSegmentator builds a fresh ``nnUNetPredictor`` for every image and
-    ``initialize_from_trained_model_folder`` then reads every fold's checkpoint from disk, finds
-    the trainer class by walking nnU-Net's packages and builds the network again. In a batch
-    process (``radflow segment-batch``) all of that is the same work for every case. The first
-    call per model folder does it and keeps the result; later calls hand the same network,
-    plans and weights to ``manual_initialization``, nnU-Net's own entry for an already built
-    network (it loads the kept weights into the network before every prediction, so the output
-    is bit-identical). A checkpoint whose size or modification time changed is loaded anew.
-
-    The price: every model a process used stays in memory until it exits -- for a batch of the
-    ``total`` task without ``fast`` (five models) their networks and weights, on the GPU too
-    (a few hundred MB each, beside the sliding window's much larger working memory).
-    """
-    global _REUSE_PATCHED
-    if _REUSE_PATCHED:
-        return
-    import importlib
-
-    importlib.import_module("totalsegmentator.nnunet")  # its runtime patches come first
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    load = nnUNetPredictor.initialize_from_trained_model_folder
-
-    def initialize_from_trained_model_folder(
-        self: Any,
-        model_training_output_dir: str,
-        use_folds: Any,
-        checkpoint_name: str = "checkpoint_final.pth",
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        folder = Path(model_training_output_dir).resolve()
-        stamps = []
-        for p in sorted(folder.glob(f"fold_*/{checkpoint_name}")):
-            st = p.stat()
-            stamps.append((str(p), st.st_mtime_ns, st.st_size))
-        folds = use_folds if use_folds is None or isinstance(use_folds, str) else tuple(use_folds)
-        key = (str(folder), folds, checkpoint_name, tuple(stamps))
-        if key not in _LOADED_MODELS:
-            load(self, model_training_output_dir, use_folds, checkpoint_name, *args, **kwargs)
-            _LOADED_MODELS[key] = (
-                self.network,
-                self.plans_manager,
-                self.configuration_manager,
-                self.list_of_parameters,
-                self.dataset_json,
-                self.trainer_name,
-                self.allowed_mirroring_axes,
-            )
-            return
-        self.manual_initialization(*_LOADED_MODELS[key])
-
-    nnUNetPredictor.initialize_from_trained_model_folder = initialize_from_trained_model_folder
-    _REUSE_PATCHED = True
 
 
 def resolve_device(device: str) -> str:
@@ -398,8 +279,9 @@ def segment(
     """
     seg_dir = Path(seg_dir)
     t0 = time.perf_counter()
+    weights: dict[str, dict[str, str]] = {}
     if settings.backend == "totalsegmentator":
-        check_weights(settings)
+        weights = model_digests(settings)
     keys = case_keys_reader(id_map) if precomputed else None
     wanted = asdict(settings)
     cases: dict[str, dict[str, Any]] = {}
@@ -433,10 +315,8 @@ def segment(
             write_json(names, info)
             cases[case] = {"status": "ok", "seconds": info["seconds"]}
             print(f"{case}: {len(info['present'])} labels in {info['seconds']} s", flush=True)
-        except WeightsMissingError:
-            raise
-        except MemoryError:
-            raise
+        except (WeightsMissingError, UntrustedWeightsError, MemoryError):
+            raise  # no case of the group could run: the job fails
         except Exception as exc:  # noqa: BLE001 - one bad image must not sink the group
             rec = status.failure("segment", exc)
             cases[case] = rec
@@ -448,10 +328,21 @@ def segment(
         "n_ok": sum(c["status"] == "ok" for c in cases.values()),
         "n_failed": sum(c["status"] != "ok" for c in cases.values()),
         "settings": wanted,
+        "weights_sha256": weights,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json(record_path, record)
     return record
+
+
+def model_digests(settings: SegmentSettings) -> dict[str, dict[str, str]]:
+    """sha256 of every file of every model folder the task loads, checked against the folder's
+    SHA256SUMS when it has one (fails fast on missing or untrusted weights)."""
+    root = check_weights(settings)
+    return {
+        rel.as_posix(): verify_model_folder(root / rel, root)
+        for _, rel in required_models(settings)
+    }
 
 
 def _kept(out: Path, names: Path, digest: str, settings: dict[str, Any]) -> dict[str, Any] | None:

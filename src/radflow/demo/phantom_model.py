@@ -332,8 +332,11 @@ def train(
 
 
 def save(net: Any, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write plans.json, dataset.json, fold_0/checkpoint_final.pth (TotalSegmentator layout)."""
+    """Write plans.json, dataset.json, fold_0/checkpoint_final.pth (TotalSegmentator layout)
+    and their SHA256SUMS."""
     import torch
+
+    from radflow.nnunet_patches import write_sha256sums
 
     folder = Path(out_dir) / DATASET / MODEL_DIR
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
@@ -346,5 +349,6 @@ def save(net: Any, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
         "inference_allowed_mirroring_axes": None,
     }
     torch.save(ckpt, folder / "fold_0" / "checkpoint_final.pth")
+    write_sha256sums(folder)  # radflow verifies the model files against it before loading
     (Path(out_dir) / "training.json").write_text(json.dumps(meta, indent=1))
     return folder
