@@ -28,7 +28,9 @@ SECTIONS = {
     labels.LabelSpec: (("labels",), ()),
 }
 # SelectionRules also holds the two convert limits that make a series usable
-BORROWED = {ingest.SelectionRules: {"max_missing_slices": ("convert",), "gantry_tilt": ("convert",)}}
+BORROWED = {
+    ingest.SelectionRules: {"max_missing_slices": ("convert",), "gantry_tilt": ("convert",)}
+}
 
 
 def _section(path):
