@@ -2,8 +2,8 @@
 
 A synthetic inventory of N selected series (no DICOM files: the ingest checkpoint's outputs are
 written directly, as ingest would after indexing a cohort) is laid out in a scratch folder and
-``snakemake -n`` builds the whole DAG for it: convert and mask per case, the segmentation batches
-(config.yaml's segment.batches; with 0, a segment job per case), then the aggregate rules.
+``snakemake -n`` builds the whole DAG for it: convert and mask per case, the segmentation groups
+(config.yaml's segment.batches; with 0, a group per case), then the aggregate rules.
 
 Two dry runs per N:
 - plan: ``snakemake -n --quiet`` builds the DAG (including its update after the ingest
@@ -63,7 +63,7 @@ import yaml
 import _results
 
 REPO = Path(__file__).resolve().parents[1]
-ARRAY_RULES = ("convert", "segment", "segment_batch", "mask")  # profiles/slurm
+ARRAY_RULES = ("convert", "segment", "mask")  # profiles/slurm
 
 
 def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
@@ -104,8 +104,9 @@ def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
         SeriesInstanceUID=[f"1.2.3.{i}.1" for i in range(n)],
     )
     id_map.to_csv(priv / "id_map.csv", index=False)
+    id_map.to_parquet(priv / "id_map.parquet", index=False)
     for h in ids:
-        (priv / "series" / f"case-{h}.txt").write_text(f"{raw}/{h}.dcm\n")
+        (priv / "series" / f"case-{h}.json").write_text(json.dumps([f"{raw}/{h}.dcm"]))
     (work / "peer.smk").write_text(PEER_SNAKEFILE.format(batches=cfg["segment"]["batches"]))
     return work
 
@@ -119,8 +120,8 @@ BATCHES = {batches}
 _groups = {{}}
 
 
-def batch(case):  # radflow.segment.batch_of, not imported: its module loads nibabel and numpy
-    return int(case.removeprefix("case-"), 16) % BATCHES
+def group(case):  # radflow.segment.group_of, not imported: its module loads nibabel and numpy
+    return str(int(case.removeprefix("case-"), 16) % BATCHES) if BATCHES else case
 
 
 def groups():
@@ -128,13 +129,13 @@ def groups():
         with open(checkpoints.ingest.get().output[0]) as f:
             for row in csv.DictReader(f):
                 if row["selected"] == "True":
-                    _groups.setdefault(batch(row["case_id"]), []).append(row["case_id"])
+                    _groups.setdefault(group(row["case_id"]), []).append(row["case_id"])
     return _groups
 
 
 rule all:
     input:
-        lambda wc: [f"peer/masked/{{c}}.nii.gz" for g in groups().values() for c in g],
+        lambda wc: [f"peer/masked/{{c}}.json" for g in groups().values() for c in g],
 
 
 checkpoint ingest:
@@ -148,28 +149,28 @@ checkpoint ingest:
 
 rule convert:
     input:
-        "results/private/series/{{case}}.txt",
+        "results/private/series/{{case}}.json",
     output:
-        "peer/nifti/{{case}}.nii.gz",
+        "peer/nifti/{{case}}.json",
     shell:
         "touch {{output}}"
 
 
-rule segment_batch:
+rule segment:
     input:
-        lambda wc: expand("peer/nifti/{{case}}.nii.gz", case=groups()[int(wc.batch)]),
+        lambda wc: expand("peer/nifti/{{case}}.json", case=groups()[wc.group]),
     output:
-        directory("peer/seg/{{batch}}"),
+        "peer/seg/groups/{{group}}.json",
     shell:
-        "mkdir -p {{output}}"
+        "touch {{output}}"
 
 
 rule mask:
     input:
-        image="peer/nifti/{{case}}.nii.gz",
-        seg=lambda wc: f"peer/seg/{{batch(wc.case)}}",
+        image="peer/nifti/{{case}}.json",
+        seg=lambda wc: f"peer/seg/groups/{{group(wc.case)}}.json",
     output:
-        "peer/masked/{{case}}.nii.gz",
+        "peer/masked/{{case}}.json",
     shell:
         "touch {{output}}"
 """
@@ -258,8 +259,8 @@ def complete_cohort(work: Path, listing: str, env: dict[str, str] | None) -> flo
     ``listing`` (a fresh ``snakemake -n``) write is created empty, then ``snakemake --touch
     --forceall`` marks all of them done through Snakemake's own bookkeeping, which records each
     job's provenance (code, params, input list, environment) in .snakemake/metadata as a real
-    run does. Outputs without a suffix are folders (radflow's directory() outputs: the
-    segmentation batches and results/explain); a file or folder of the wrong kind stops the
+    run does. Outputs without a suffix are folders (radflow's directory() output,
+    results/explain); a file or folder of the wrong kind stops the
     touch run with Snakemake's error, as does a missed one. Returns the seconds this took."""
     t0 = time.perf_counter()
     n = 0
@@ -296,8 +297,7 @@ def rerun_config(work: Path) -> Path:
     return changed
 
 
-# Rules that run on the submit host (with segment.batches > 0 there is no per-case segment job
-# at all: mask takes each label map out of its batch's folder).
+# Rules that run on the submit host.
 LOCAL_RULES = {"all"}
 
 
@@ -344,7 +344,7 @@ def completed_runs(
     jobs per rule) from mask on: every mask and every rule after it, no conversion or
     segmentation."""
     n = sum(1 for _ in (work / "results" / "private" / "series").iterdir())
-    upstream = ("convert", "segment", "segment_batch")
+    upstream = ("convert", "segment")
     expected = {k: v for k, v in fresh.items() if k not in (*upstream, "total")}
     if expected.get("mask") != n:
         raise RuntimeError(f"the fresh dry run planned {expected.get('mask')} masks for {n} cases")

@@ -36,8 +36,8 @@ def test_convert_bench_small_matches_dcm2niix(tmp_path):
 
 
 def test_dag_scale_bench_plans_every_case(tmp_path):
-    """The DAG bench's synthetic inventory drives the real Snakefile: with segmentation batches,
-    2 jobs per case (convert, mask) plus the batches."""
+    """The DAG bench's synthetic inventory drives the real Snakefile: with segmentation in
+    groups, 2 jobs per case (convert, mask) plus the groups."""
     out = subprocess.run(
         [
             sys.executable,
@@ -65,9 +65,9 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     assert len(r["all_plan_seconds"]) == len(r["all_listing_seconds"]) == 1
     assert jobs["convert"] == jobs["mask"] == 7
     assert 2 <= BATCHES <= 7  # every batch gets a case (case i goes to batch i mod BATCHES)
-    assert jobs["segment_batch"] == BATCHES
-    assert "segment" not in jobs  # batched: mask takes each label map out of its batch
-    singles = jobs["total"] - 14 - jobs["segment_batch"] - jobs["all"]
+    assert jobs["segment"] == BATCHES  # one group job per group, never one per case
+    assert "segment_batch" not in jobs
+    singles = jobs["total"] - 14 - jobs["segment"] - jobs["all"]
     # arrays of 4: 2 sbatch calls each for convert and mask, one per 4 segmentation batches,
     # plus one per aggregate rule
     assert r["sbatch_arrays"] == 2 + -(-BATCHES // 4) + 2 + singles
@@ -76,27 +76,27 @@ def test_dag_scale_bench_plans_every_case(tmp_path):
     # mask setting changed reruns every mask and what follows, nothing upstream
     assert r["rerun_jobs"] == {
         "mask": 7,
-        **{k: jobs[k] for k in jobs if k not in ("convert", "segment_batch", "mask", "total")},
+        **{k: jobs[k] for k in jobs if k not in ("convert", "segment", "mask", "total")},
         "total": jobs["total"] - 7 - BATCHES,
     }
     assert len(r["all_done_seconds"]) == len(r["all_rerun_seconds"]) == 1
     # the peer (a bare Snakefile) plans the same per-case jobs and batches, and its dry runs
     # read the same checkpoint (dry_run raises otherwise)
     peer = r["peer_jobs"]
-    assert {k: peer[k] for k in ("convert", "segment_batch", "mask")} == {
-        k: jobs[k] for k in ("convert", "segment_batch", "mask")
+    assert {k: peer[k] for k in ("convert", "segment", "mask")} == {
+        k: jobs[k] for k in ("convert", "segment", "mask")
     }
 
 
-def test_largest_segmentation_batch_goes_first(tmp_path):
-    """segment_batch jobs carry their batch size as priority: the scheduler starts the longest
-    batch first instead of letting it set the tail. Conversions carry none (a priority function
+def test_largest_segmentation_group_goes_first(tmp_path):
+    """segment jobs carry their group's size as priority: the scheduler starts the longest
+    group first instead of letting it set the tail. Conversions carry none (a priority function
     is one more call per case while the DAG is built, and conversions take seconds)."""
     import re
 
     sys.path.insert(0, str(REPO / "bench"))
     from dag_scale import make_workdir
-    from radflow.segment import batch_of
+    from radflow.segment import group_of
 
     work = make_workdir(tmp_path, 23)
     out = subprocess.run(
@@ -107,12 +107,12 @@ def test_largest_segmentation_batch_goes_first(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    sizes: dict[int, int] = {}
+    sizes: dict[str, int] = {}
     for i in range(23):
-        b = batch_of(f"case-{i:012x}", BATCHES)
-        sizes[b] = sizes.get(b, 0) + 1
-    assert len(set(sizes.values())) > 1  # uneven batches, or the test proves nothing
-    seen = {"convert": 0, "segment_batch": 0}
+        g = group_of(f"case-{i:012x}", BATCHES)
+        sizes[g] = sizes.get(g, 0) + 1
+    assert len(set(sizes.values())) > 1  # uneven groups, or the test proves nothing
+    seen = {"convert": 0, "segment": 0}
     for block in re.split(r"\n(?=(?:local)?rule )", out.stdout):
         rule = re.match(r"(?:local)?rule (\w+):", block)
         if not rule or rule.group(1) not in seen:
@@ -121,15 +121,15 @@ def test_largest_segmentation_batch_goes_first(tmp_path):
         if rule.group(1) == "convert":
             want = 0
         else:
-            want = sizes[int(re.search(r"wildcards: batch=(\d+)", block).group(1))]
+            want = sizes[re.search(r"wildcards: group=(\d+)", block).group(1)]
         assert (int(prio.group(1)) if prio else 0) == want, block  # 0 is not printed
         seen[rule.group(1)] += 1
-    assert seen == {"convert": 23, "segment_batch": len(sizes)}
+    assert seen == {"convert": 23, "segment": len(sizes)}
 
 
 def test_model_reuse_bench_runs():
     """The model-reuse bench stays runnable and prints both modes (its figures are for the
-    README; that a batch loads each model once is tested in test_segment by counting loads)."""
+    bench result files; that a group loads each model once is tested in test_segment by counting loads)."""
     import re
 
     out = subprocess.run(

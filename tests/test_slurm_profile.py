@@ -19,7 +19,7 @@ from .conftest import REPO, SALT
 
 BIN = Path(sys.executable).parent
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = {"segment", "segment_batch", "train", "train_fold", "evaluate"}
+GPU_RULES = {"segment", "train", "train_fold", "evaluate"}
 PLANNED_RULES = {"explain"}  # named in the profile ahead of its rule (Grad-CAM, DESIGN.md)
 
 
@@ -63,7 +63,7 @@ def _job_rules() -> set[str]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = set(proc.stdout.split())
     assert {"ingest", "convert", "mask", "manifest", "train", "evaluate"} <= names
-    assert names & {"segment", "segment_batch"}  # per case, or batched (segment.batches)
+    assert "segment" in names and "segment_batch" not in names  # always group jobs
     names |= set(_rule_blocks())  # and the rules of the other config branch (segment per case)
     return {n for n in names if n != "all" and not n.endswith("_all")}
 
@@ -124,7 +124,7 @@ def test_snakemake_reads_the_profile_with_partition_and_account_from_the_command
 
 STUB = """#!{python}
 # radflow with segment replaced by a 3 s sleep that records when it ran
-import json, os, shutil, sys, time
+import json, os, sys, time
 
 args = sys.argv[1:]
 if args[0] != "segment":
@@ -132,9 +132,8 @@ if args[0] != "segment":
 with open({record!r}, "a") as fh:
     fh.write(f"{{time.time()}} start\\n")
 time.sleep(3)
-shutil.copy(args[1], args[2])
-with open(args[args.index("--names") + 1], "w") as fh:
-    json.dump({{}}, fh)
+with open(args[args.index("--record") + 1], "w") as fh:
+    json.dump({{"cases": {{}}}}, fh)
 with open({record!r}, "a") as fh:
     fh.write(f"{{time.time()}} end\\n")
 """
@@ -163,8 +162,8 @@ def test_resources_gpu_1_never_runs_two_gpu_jobs_at_once(demo_cohort, tmp_path):
     path = os.pathsep.join([str(stub_dir), str(BIN), os.environ["PATH"]])
     first = _snakemake(work, "--cores", "2", "--until", "ingest", path=path)
     assert first.returncode == 0, first.stderr[-2000:]
-    cases = sorted(p.stem for p in (work / "results/private/series").glob("*.txt"))[:4]
-    targets = [f"results/seg/{c}.nii.gz" for c in cases]
+    cases = sorted(p.stem for p in (work / "results/private/series").glob("*.json"))[:4]
+    targets = [f"results/seg/groups/{c}.json" for c in cases]  # a group per case
 
     # device auto: segment declares gpu=1; two cores would otherwise run two at once
     proc = _snakemake(work, *targets, "--cores", "2", "--resources", "gpu=1", path=path)

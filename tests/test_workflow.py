@@ -123,7 +123,7 @@ def test_segmentation_batches_run_side_by_side(run):
     conversions) never became ready in time: in the demo the batches ran one after another."""
     work, proc, _ = run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    spans = sorted(_job_spans(work, "segment_batch"))
+    spans = sorted(_job_spans(work, "segment"))
     assert len(spans) >= 2, spans
     assert any(b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :]), spans
 
@@ -187,7 +187,7 @@ def test_forcerun_train_reruns_train_onward_only(run):
     jobs = _planned(work, "--forcerun", "train")
     assert jobs.get("train") == 1 and jobs.get("evaluate") == 1
     assert jobs.get("explain") == 1
-    for upstream in ("ingest", "convert", "segment", "segment_batch", "mask", "manifest"):
+    for upstream in ("ingest", "convert", "segment", "mask", "manifest"):
         assert upstream not in jobs, jobs
 
 
@@ -198,7 +198,7 @@ def test_mask_parameter_change_reruns_mask_onward_only(run):
     jobs = _planned(work, "--configfile", str(changed))
     n_cases = len(list((work / "results/masked").glob("case-*_roi.nii.gz")))
     assert jobs.get("mask") == n_cases and jobs.get("manifest") == 1 and jobs.get("train") == 1
-    for upstream in ("ingest", "convert", "segment", "segment_batch"):
+    for upstream in ("ingest", "convert", "segment"):
         assert upstream not in jobs, jobs
 
 
@@ -212,7 +212,7 @@ def test_new_label_sheet_reruns_manifest_onward_only(run, demo_cohort):
     changed = _with_config(work, lambda c: c["labels"].update(path=str(new)))
     jobs = _planned(work, "--configfile", str(changed))
     assert jobs.get("manifest") == 1 and jobs.get("train") == 1 and jobs.get("evaluate") == 1
-    for upstream in ("ingest", "convert", "segment", "segment_batch", "mask"):
+    for upstream in ("ingest", "convert", "segment", "mask"):
         assert upstream not in jobs, jobs
     # and explain settings do not touch the manifest or the model
     jobs = _planned(work, "--configfile", str(_with_config(work, _gradcam_pp)))

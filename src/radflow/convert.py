@@ -485,9 +485,9 @@ def convert_case(
         return convert(
             source, out_path, settings, sidecar_path, case_id, series_id, threads=threads
         )
-    except (MemoryError, OSError):
-        raise
     except Exception as exc:  # noqa: BLE001 - any data error is this case's, recorded
+        if status.is_environmental(exc):
+            raise
         rec = status.failure("convert", exc)
         rec["reason"] = redact(rec["reason"], source)
         if isinstance(exc, ConversionRefusedError):

@@ -236,14 +236,22 @@ def mask(
             return _carry_failure(
                 failed, settings, out_path, roi_path, status_path, qc_png, seg_qc, case_id
             )
-    img = nib.load(str(image_path))
-    seg_img = nib.load(str(seg_path))
-    if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
-        raise ValueError(f"{case_id or seg_path}: label map is not on the image grid")
-    names = load_names(names_path)
-    image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
-    seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
-    res = apply_mask(image, img.affine, seg, names, settings, threads)
+    try:
+        img = nib.load(str(image_path))
+        seg_img = nib.load(str(seg_path))
+        if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
+            raise ValueError("the label map is not on the image grid (affines differ)")
+        names = load_names(names_path)
+        image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
+        seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
+        res = apply_mask(image, img.affine, seg, names, settings, threads)
+    except Exception as exc:  # noqa: BLE001 - a corrupt volume fails this case alone
+        if status.is_environmental(exc):
+            raise  # the machine's trouble, not the case's: the job fails and a rerun retries
+        failed = status.failure("mask", exc)
+        return _carry_failure(
+            failed, settings, out_path, roi_path, status_path, qc_png, seg_qc, case_id
+        )
     save_nifti(res.masked, res.affine, out_path, threads=threads)
     save_nifti(res.roi, res.affine, roi_path, threads=threads)
     record = {

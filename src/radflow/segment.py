@@ -315,9 +315,11 @@ def segment(
             write_json(names, info)
             cases[case] = {"status": "ok", "seconds": info["seconds"]}
             print(f"{case}: {len(info['present'])} labels in {info['seconds']} s", flush=True)
-        except (WeightsMissingError, UntrustedWeightsError, MemoryError):
+        except (WeightsMissingError, UntrustedWeightsError):
             raise  # no case of the group could run: the job fails
         except Exception as exc:  # noqa: BLE001 - one bad image must not sink the group
+            if status.is_environmental(exc):
+                raise
             rec = status.failure("segment", exc)
             cases[case] = rec
             status.remove_stale(out)

@@ -64,3 +64,19 @@ def remove_stale(*files: str | os.PathLike) -> None:
     """Remove outputs a failed case must not keep from an earlier, successful run."""
     for f in files:
         Path(f).unlink(missing_ok=True)
+
+
+_ENVIRONMENT_ERRNOS = {"ENOSPC", "EDQUOT", "ENOMEM", "EIO", "EROFS", "EMFILE", "ENFILE"}
+
+
+def is_environmental(exc: BaseException) -> bool:
+    """True for the machine's trouble (no memory, a full or read-only disk, I/O errors), which
+    must fail the job so that a rerun retries it; False for a problem of the case's data (a
+    corrupt or truncated file, a refused series), which is recorded and fails the case alone."""
+    import errno
+
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, "") in _ENVIRONMENT_ERRNOS
+    return False
