@@ -25,7 +25,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 import radflow
-from radflow.io import write_json, write_table
+from radflow.io import read_id_map, write_json, write_table
 
 SPLITS = ("train", "val", "test")
 EXCLUDED_COLUMNS = ["id", "subject_id", "stage", "reason_code", "reason"]
@@ -368,7 +368,7 @@ def relabel(inventory: pd.DataFrame, spec: Any, id_map: str | os.PathLike | None
 
     if id_map is None:
         raise ValueError("joining a labels sheet needs the private id map (--id-map)")
-    keys = pd.read_csv(id_map, dtype=str)[["series_id", spec.key]].drop_duplicates("series_id")
+    keys = read_id_map(id_map)[["series_id", spec.key]].drop_duplicates("series_id")
     inv = inventory.drop(columns=["label", "has_label"], errors="ignore")
     inv = inv.merge(keys, on="series_id", how="left")
     inv = ingest.join_labels(inv, ingest.read_labels(spec), spec)
