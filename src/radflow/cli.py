@@ -32,6 +32,16 @@ def _threads(n: int) -> int:
     return n
 
 
+_MAX_MB = (
+    "config ingest.max_image_mb: most MB of pixel data one file, or one series as int16, may "
+    "claim; more is refused before reading (default: the schema's)"
+)
+
+
+def _budget(args: argparse.Namespace) -> dict:
+    return {} if args.max_image_mb is None else {"max_image_mb": args.max_image_mb}
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """Write the synthetic demo cohort."""
     from radflow.demo import DemoSettings, make_cohort
@@ -63,6 +73,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         labels,
         args.salt,
         threads=_threads(args.threads),
+        **_budget(args),
     )
     n_sel = int(inv["selected"].sum())
     print(
@@ -92,6 +103,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             salt=args.salt,
             series_uid=args.series_uid,
             threads=_threads(args.threads),
+            **_budget(args),
         )
     except convert.ConversionRefusedError as exc:
         print(f"radflow convert: refused {exc}", file=sys.stderr)
@@ -350,10 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--selection", type=_json_arg, default={}, help="selection rules as JSON")
     i.add_argument("--salt", required=True, help="key for the pseudonym hashes (ids.salt)")
     i.add_argument("--threads", type=int, default=1)
+    i.add_argument("--max-image-mb", type=float, default=None, help=_MAX_MB)
     i.set_defaults(func=cmd_ingest)
 
     c = sub.add_parser("convert", help="convert one DICOM series to NIfTI")
-    c.add_argument("source", help="series folder, or a .txt list of its files")
+    c.add_argument("source", help="series folder, or a .json (or .txt) list of its files")
     c.add_argument("out", help="output .nii.gz")
     c.add_argument("--sidecar", default=None, help="JSON sidecar path (default beside OUT)")
     c.add_argument("--settings", type=_json_arg, default={}, help="convert settings as JSON")
@@ -367,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--salt", default="", help="or: key to hash the source series UID with")
     c.add_argument("--series-uid", default=None, help="pick one series from a mixed folder")
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--max-image-mb", type=float, default=None, help=_MAX_MB)
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("segment", help="organ label map for one image (TotalSegmentator)")
