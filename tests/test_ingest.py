@@ -92,7 +92,7 @@ def test_labels_join_by_patient_id_including_hostile_id(inventory, demo_cohort):
 def test_inventory_and_file_lists_are_consistent(inventory):
     pub, res = inventory
     sel = pub[pub["selected"]]
-    lists = sorted(p.stem for p in (res / "private" / "series").glob("*.txt"))
+    lists = sorted(p.stem for p in (res / "private" / "series").glob("*.json"))
     assert lists == sorted(sel["case_id"])
     assert (pub.loc[~pub["selected"], "case_id"] == "").all()
     assert sel["case_id"].str.fullmatch(r"case-[0-9a-f]{12}").all()
@@ -114,7 +114,7 @@ def test_convert_reads_the_series_pseudonym_from_the_inventory(inventory, tmp_pa
     sel = pub[pub["selected"]].iloc[0]
     table = res / "inventory" / "series.csv"
     assert ids.series_id_of(table, sel["case_id"]) == sel["series_id"]
-    files = res / "private" / "series" / f"{sel['case_id']}.txt"
+    files = res / "private" / "series" / f"{sel['case_id']}.json"
     out = tmp_path / "img.nii.gz"
     argv = ["convert", str(files), str(out), "--inventory", str(table)]
     assert cli.main([*argv, "--case-id", sel["case_id"]]) == 0

@@ -57,6 +57,16 @@ def _salt(value: str | None) -> str:
     return salt
 
 
+_MAX_MB = (
+    "config ingest.max_image_mb: most MB of pixel data one file, or one series as int16, may "
+    "claim; more is refused before reading (default: the schema's)"
+)
+
+
+def _budget(args: argparse.Namespace) -> dict:
+    return {} if args.max_image_mb is None else {"max_image_mb": args.max_image_mb}
+
+
 def _settings(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--settings", type=_json_arg, default={}, help=f"{what} settings as JSON (config key)"
@@ -119,6 +129,7 @@ def _add_ingest(sub: Sub) -> None:
     i.add_argument("--selection", type=_json_arg, default={}, help="selection rules as JSON")
     i.add_argument("--labels", type=_json_arg, default={}, help="labels settings as JSON")
     i.add_argument("--salt", default=None, help=f"pseudonym key (default: ${SALT_ENV})")
+    i.add_argument("--max-image-mb", type=float, default=None, help=_MAX_MB)
     _threads_arg(i)
     i.set_defaults(func=cmd_ingest)
 
@@ -136,6 +147,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         LabelSpec.from_dict(args.labels),
         _salt(args.salt),
         threads=_threads(args.threads),
+        **_budget(args),
     )
     print(ingest.summary(inv))
     return 0
@@ -156,6 +168,7 @@ def _add_convert(sub: Sub) -> None:
     c.add_argument("--inventory", default=None, help="or: series.csv to read it from")
     c.add_argument("--salt", default=None, help="or: key to hash the source series UID with")
     c.add_argument("--series-uid", default=None, help="pick one series from a mixed folder")
+    c.add_argument("--max-image-mb", type=float, default=None, help=_MAX_MB)
     c.add_argument(
         "--record-failure",
         action="store_true",
@@ -178,7 +191,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     threads = _threads(args.threads)
     if args.record_failure:
         sc = convert.convert_case(
-            args.source, args.out, settings, sidecar, args.case_id, series_id, threads
+            args.source,
+            args.out,
+            settings,
+            sidecar,
+            args.case_id,
+            series_id,
+            threads,
+            **_budget(args),
         )
         if sc.get("status") == "failed":
             print(f"radflow convert: refused [{sc['reason_code']}] {sc['reason']}", file=sys.stderr)
@@ -195,6 +215,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 salt=args.salt or os.environ.get(SALT_ENV, ""),
                 series_uid=args.series_uid,
                 threads=threads,
+                **_budget(args),
             )
         except convert.ConversionRefusedError as exc:
             print(f"radflow convert: refused {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ float64 rescaling, zlib level-6 gzip) costs ~4x the time and ~8x the memory of t
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -35,7 +36,7 @@ from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 from tqdm import tqdm
 
 import radflow
-from radflow import geometry, ids
+from radflow import dicomsafe, geometry, ids
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
 from radflow.settings import section
@@ -112,30 +113,79 @@ def configure_dicom2nifti(settings: ConvertSettings) -> dict[str, Any]:
 
 
 def list_source(source: str | os.PathLike, series_uid: str | None = None) -> list[str]:
-    """Files of one series: ``source`` is a folder or a text file listing one path per line."""
+    """Files of one series: ``source`` is a folder, a JSON list of paths (what ingest writes,
+    ``results/private/series/{case}.json``) or a text file listing one path per line."""
     source = Path(source)
-    if source.is_file() and source.suffix == ".txt":
+    if source.is_file() and source.suffix == ".json":
+        try:
+            files = json.loads(source.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ConversionRefusedError("BAD_FILE_LIST", f"file list is not JSON: {exc}") from None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ConversionRefusedError("BAD_FILE_LIST", "file list is not a JSON list of paths")
+    elif source.is_file() and source.suffix == ".txt":
         files = [ln.strip() for ln in source.read_text().splitlines() if ln.strip()]
     elif source.is_dir():
         files = sorted(str(p) for p in source.rglob("*") if p.is_file())
     else:
-        raise FileNotFoundError(f"{source}: not a series folder or a .txt file list")
+        raise FileNotFoundError("source is not a series folder or a .json/.txt file list")
     if not files:
-        raise ConversionRefusedError("NO_FILES", f"{source}: no files")
+        raise ConversionRefusedError("NO_FILES", "no files in the source")
     return files
 
 
-def read_headers(files: Sequence[str], series_uid: str | None = None) -> list[pydicom.Dataset]:
-    """Headers (no pixels) of the files of one series; non-DICOM files are skipped."""
+def _unreadable(index: int, total: int, exc: BaseException, path: str) -> ConversionRefusedError:
+    """The refusal for an instance that cannot be read, naming it by index, never by path."""
+    return ConversionRefusedError(
+        "UNREADABLE_INSTANCE",
+        f"instance {index + 1} of {total} in the file list cannot be read "
+        f"({dicomsafe.error_text(exc, path)}); a listed file is never skipped or interpolated",
+    )
+
+
+_INSTANCE_KEYS = ("SeriesInstanceUID", "Rows", "Columns", "ImagePositionPatient")
+
+
+def read_headers(
+    files: Sequence[str],
+    series_uid: str | None = None,
+    max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
+    skip_non_dicom: bool = True,
+) -> list[pydicom.Dataset]:
+    """Headers (no pixels) of the files of one series, each checked against the budget.
+
+    Non-DICOM files are skipped when ``skip_non_dicom`` (a folder's notes); otherwise (a file
+    list: ingest lists only image instances) every file must be a readable image instance. A
+    file that cannot be read refuses the series (UNREADABLE_INSTANCE), never silently dropped and
+    interpolated over. Errors name instances by their index in the list, never by path.
+    """
     headers: list[pydicom.Dataset] = []
-    for f in files:
+    for i, f in enumerate(files):
         try:
-            with open(f, "rb") as fp:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True)
-                ds.radflow_pixel_offset = fp.tell()
-        except pydicom.errors.InvalidDicomError:
-            continue
+            head = dicomsafe.read_header(f, max_image_mb)
+        except pydicom.errors.InvalidDicomError as exc:
+            if skip_non_dicom:
+                continue
+            raise _unreadable(i, len(files), exc, f) from None
+        except Exception as exc:  # noqa: BLE001 - refused with a path-free reason
+            raise _unreadable(i, len(files), exc, f) from None
+        ds = head.ds
+        if not skip_non_dicom and not all(k in ds for k in _INSTANCE_KEYS):
+            missing = [k for k in _INSTANCE_KEYS if k not in ds]
+            raise ConversionRefusedError(
+                "UNREADABLE_INSTANCE",
+                f"instance {i + 1} of {len(files)} in the file list has no {', '.join(missing)} "
+                "(truncated or not an image); a listed file is never skipped or interpolated",
+            )
+        over = dicomsafe.claim_error(ds, max_image_mb) if "Rows" in ds else ""
+        if over:
+            raise ConversionRefusedError(
+                "TOO_LARGE", f"instance {i + 1} of {len(files)} {over}; refused before reading"
+            )
+        ds.radflow_pixel_offset = head.pixel_offset
         ds.radflow_path = f
+        ds.radflow_index = i
+        ds.radflow_total = len(files)
         headers.append(ds)
     uids = {str(h.get("SeriesInstanceUID", "")) for h in headers}
     if series_uid is not None:
@@ -149,7 +199,19 @@ def read_headers(files: Sequence[str], series_uid: str | None = None) -> list[py
     headers = [h for h in headers if "Rows" in h and "ImagePositionPatient" in h]
     if not headers:
         raise ConversionRefusedError("NO_IMAGES", "no image instances with geometry in the input")
+    over = dicomsafe.too_large(
+        sum(dicomsafe.int16_claim_bytes(h) for h in headers), max_image_mb, "int16 volume"
+    )
+    if over:
+        raise ConversionRefusedError("TOO_LARGE", f"the series {over}; refused before reading")
     return headers
+
+
+def check_grid(shape: Sequence[int], max_image_mb: float, what: str) -> None:
+    """Refuse (TOO_LARGE) an int16 volume of ``shape`` over the budget, before allocating it."""
+    over = dicomsafe.too_large(2 * int(np.prod([int(v) for v in shape])), max_image_mb, what)
+    if over:
+        raise ConversionRefusedError("TOO_LARGE", f"{over}; refused before allocating")
 
 
 # --------------------------------------------------------------------------- geometry
@@ -242,6 +304,8 @@ def ras_view(out: np.ndarray, ornt: np.ndarray) -> np.ndarray:
 def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     """Read uncompressed little-endian pixels straight from the file, or None to fall back."""
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if ds.file_meta else ""
+    if ts not in NATIVE_LE or ds.radflow_pixel_offset is None:
+        return None
     if ts not in NATIVE_LE or int(ds.BitsAllocated) != 16 or int(ds.get("SamplesPerPixel", 1)) != 1:
         return None
     n = int(ds.Rows) * int(ds.Columns)
@@ -269,9 +333,11 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
 def slice_hu(ds: pydicom.Dataset, clip: tuple[float, float] | None) -> np.ndarray:
     """One slice in HU as int16 (rows, cols), slope/intercept applied without float64."""
     raw = _native_pixels(ds)
-    if raw is None:
+    if raw is None:  # the header's claim was checked against the budget by read_headers
         full = pydicom.dcmread(ds.radflow_path)
         raw = full.pixel_array
+        if raw.shape != (int(ds.Rows), int(ds.Columns)):
+            raise ValueError(f"decoded pixel array has shape {raw.shape}, not one slice")
     bits = int(ds.get("BitsStored", 16))
     if bits < 16:
         if int(ds.PixelRepresentation) == 1:
@@ -303,7 +369,15 @@ def read_volume(
         total=len(geo.order), desc="convert slices", unit="slice", file=sys.stderr, mininterval=2
     )
     for hidx, k in zip(geo.order, geo.slot, strict=True):
-        view[:, :, k] = slice_hu(headers[hidx], clip).T
+        h = headers[hidx]
+        try:
+            view[:, :, k] = slice_hu(h, clip).T
+        except ConversionRefusedError as exc:
+            raise ConversionRefusedError(
+                exc.code, f"instance {h.radflow_index + 1} of {h.radflow_total}: {exc.args[0]}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - refused, naming the instance by index only
+            raise _unreadable(h.radflow_index, h.radflow_total, exc, h.radflow_path) from None
         bar.update()
     bar.close()
     for k in geo.missing:  # linear interpolation between the neighbouring acquired slices
@@ -348,23 +422,31 @@ def convert(
     salt: str = "",
     series_uid: str | None = None,
     threads: int = 1,
+    max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
 ) -> dict[str, Any]:
-    """Convert one series to ``out_path`` (+ JSON sidecar); returns the sidecar content."""
+    """Convert one series to ``out_path`` (+ JSON sidecar); returns the sidecar content.
+
+    ``max_image_mb`` (config ``ingest.max_image_mb``) bounds what a header may claim: a file or
+    volume over it is refused (TOO_LARGE) before anything is allocated or decoded. Errors name
+    instances by their index in the file list, never by their (private) path.
+    """
     t0 = time.perf_counter()
     d2n = configure_dicom2nifti(settings)
     files = list_source(source, series_uid)
-    headers = read_headers(files, series_uid)
+    headers = read_headers(files, series_uid, max_image_mb, skip_non_dicom=Path(source).is_dir())
     geo = stack_geometry(headers, settings)
+    first = headers[geo.order[0]]
+    check_grid((first.Rows, first.Columns, geo.n_slices), max_image_mb, "int16 volume")
     vol, affine = read_volume(headers, geo, settings.hu_clip)
     src_shape, src_affine = vol.shape, affine
     needs_grid = not geometry.is_axis_aligned(affine)
     grid = target_grid(affine, vol.shape, settings, needs_grid)
     order = 3 if settings.interpolation == "cubic" else 1
     if grid is not None:
+        check_grid(grid[1], max_image_mb, "resampled int16 volume")
         vol = resample(vol, affine, grid[0], grid[1], order, settings.fill_hu, threads)
         affine = grid[0]
     save_nifti(vol, affine, out_path, threads=threads)
-    first = headers[geo.order[0]]
     sidecar = _sidecar(
         first,
         headers,
@@ -474,6 +556,7 @@ def convert_case(
     case_id: str,
     series_id: str = "",
     threads: int = 1,
+    max_image_mb: float | None = None,
 ) -> dict[str, Any]:
     """Convert one case of the workflow: like ``convert``, but a series that cannot be
     converted gets a failed record as its sidecar (stage, code, reason) instead of an error,
@@ -482,8 +565,9 @@ def convert_case(
     from radflow import status
 
     try:
+        budget = {} if max_image_mb is None else {"max_image_mb": max_image_mb}
         return convert(
-            source, out_path, settings, sidecar_path, case_id, series_id, threads=threads
+            source, out_path, settings, sidecar_path, case_id, series_id, threads=threads, **budget
         )
     except Exception as exc:  # noqa: BLE001 - any data error is this case's, recorded
         if status.is_environmental(exc):

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from radflow import geometry
-from radflow.io import save_nifti, write_json
+from radflow.io import read_id_map, save_nifti, write_json
 from radflow.settings import section
 
 METHODS = ("gradcam", "gradcam++")
@@ -293,7 +293,6 @@ def explain_cohort(
     """
     import sys
 
-    import pandas as pd
     import torch
     from tqdm import tqdm
 
@@ -307,7 +306,7 @@ def explain_cohort(
     if lesion_template:
         if id_map is None:
             raise ValueError("explain.lesion_reference needs the private id map (--id-map)")
-        ids = pd.read_csv(id_map, dtype=str).fillna("").set_index("case_id", drop=False)
+        ids = read_id_map(id_map).set_index("case_id", drop=False)
     preds = read_predictions(predictions, metrics)
     models = load_models(checkpoint, settings)
     out = Path(out_dir)

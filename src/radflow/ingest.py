@@ -7,6 +7,8 @@ tree is only ever opened for reading.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import sys
@@ -22,7 +24,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from radflow import geometry, ids
+from radflow import dicomsafe, geometry, ids, paths
+from radflow.dicomsafe import error_text
 from radflow.io import write_table, write_text
 from radflow.labels import LabelSpec, join_labels, read_labels
 from radflow.settings import section
@@ -68,9 +71,20 @@ class SelectionRules:
 # --------------------------------------------------------------------------- file level
 
 
-def iter_files(raw_dir: str | os.PathLike) -> Iterator[Path]:
-    """Every regular file under ``raw_dir`` (recursively, symlinks not followed), sorted."""
-    for root, dirs, files in os.walk(raw_dir):
+def iter_files(
+    raw_dir: str | os.PathLike, errors: list[tuple[str, str]] | None = None
+) -> Iterator[Path]:
+    """Every regular file under ``raw_dir`` (recursively, symlinks not followed), sorted.
+
+    A folder that cannot be listed is appended to ``errors`` as (path, reason) instead of
+    vanishing. Names need not be UTF-8: they come as ``os.fsdecode`` gives them (surrogates).
+    """
+
+    def onerror(exc: OSError) -> None:
+        if errors is not None:
+            errors.append((str(exc.filename or raw_dir), f"unreadable folder: {error_text(exc)}"))
+
+    for root, dirs, files in os.walk(raw_dir, onerror=onerror):
         dirs.sort()
         for name in sorted(files):
             p = Path(root) / name
@@ -95,23 +109,32 @@ def _floats(ds: pydicom.Dataset, key: str) -> list[float] | None:
         return None
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Header fields of one file (pixels not read); ``error`` is set when it is not usable."""
+def read_header(
+    path: str | os.PathLike, max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB
+) -> dict[str, Any]:
+    """Header fields of one file (pixels not read); ``error`` is set when it is not usable.
+
+    Nothing is allocated or inflated beyond the header before the size the header claims is
+    checked against ``max_image_mb``; error texts never hold the path.
+    """
     path = str(path)
     rec: dict[str, Any] = {"path": path, "error": ""}
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            pixel_offset = fp.tell()
+        head = dicomsafe.read_header(path, max_image_mb)
+        ds = head.ds
     except InvalidDicomError as exc:
-        rec["error"] = f"not DICOM: {exc}"
+        rec["error"] = f"not DICOM: {dicomsafe.scrub(str(exc), path)}"
+        return rec
+    except dicomsafe.HeaderError as exc:
+        rec["error"] = str(exc) if str(exc).startswith("truncated") else f"unusable: {exc}"
         return rec
     except Exception as exc:  # noqa: BLE001 - any unreadable file is recorded, never fatal
-        rec["error"] = f"unreadable DICOM header: {type(exc).__name__}: {exc}"
+        rec["error"] = f"unreadable DICOM header: {error_text(exc, path)}"
         return rec
     for key in (
         "SOPClassUID",
+        "SOPInstanceUID",
         "Modality",
         "PatientID",
         "PatientName",
@@ -125,7 +148,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         "ImageType",
     ):
         rec[key] = _str(ds, key)
-    rec["TransferSyntaxUID"] = _str(ds.file_meta, "TransferSyntaxUID") if ds.file_meta else ""
+    rec["TransferSyntaxUID"] = head.transfer_syntax
     for key in (
         "SeriesNumber",
         "InstanceNumber",
@@ -134,29 +157,47 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         "BitsAllocated",
         "NumberOfFrames",
     ):
-        v = ds.get(key)
-        rec[key] = int(v) if v not in (None, "") else None
+        try:
+            v = ds.get(key)
+            rec[key] = int(v) if v not in (None, "") else None
+        except (TypeError, ValueError):
+            rec[key] = None
     for key in ("SliceThickness", "RescaleIntercept", "RescaleSlope", "GantryDetectorTilt"):
         v = _floats(ds, key)
         rec[key] = v[0] if v else None
     rec["PixelSpacing"] = _floats(ds, "PixelSpacing")
     rec["ImageOrientationPatient"] = _floats(ds, "ImageOrientationPatient")
     rec["ImagePositionPatient"] = _floats(ds, "ImagePositionPatient")
-    rec["has_pixels"] = bool(rec["Rows"]) and pixel_offset < size
+    rec["has_pixels"] = bool(rec["Rows"]) and head.has_pixels
+    rec["claim_bytes"] = dicomsafe.int16_claim_bytes(ds)
     if not rec["SeriesInstanceUID"] or not rec["StudyInstanceUID"]:
         rec["error"] = "DICOM without StudyInstanceUID/SeriesInstanceUID"
     elif rec["Rows"] and rec["Columns"]:
-        rec["error"] = _truncation(path, size, pixel_offset, rec)
+        # the budget first: a file over it is never read further, whatever else is wrong
+        rec["error"] = dicomsafe.claim_error(ds, max_image_mb)
+        if not rec["error"] and not head.has_pixels:
+            rec["error"] = "truncated: header present but no pixel data"
+        elif not rec["error"]:
+            try:
+                rec["error"] = _truncation(path, size, head, rec)
+            except OSError as exc:  # gone or locked since its header was read
+                rec["error"] = f"unreadable DICOM header: {error_text(exc, path)}"
     return rec
 
 
-def _truncation(path: str, size: int, offset: int, rec: dict[str, Any]) -> str:
+def _truncation(path: str, size: int, head: dicomsafe.Header, rec: dict[str, Any]) -> str:
     """Empty string when the pixel data is complete, else the reason it is not."""
-    if offset >= size:
-        return "truncated: header present but no pixel data"
     frames = rec.get("NumberOfFrames") or 1
-    if rec["TransferSyntaxUID"] in NATIVE_SYNTAXES:
-        need = rec["Rows"] * rec["Columns"] * (rec["BitsAllocated"] or 16) // 8 * frames
+    need = rec["Rows"] * rec["Columns"] * (rec["BitsAllocated"] or 16) // 8 * frames
+    if head.pixel_bytes_available is not None:  # deflated: counted while inflating
+        if head.pixel_bytes_available < need:
+            return (
+                f"truncated: pixel data needs {need} bytes, "
+                f"the deflate stream holds {head.pixel_bytes_available}"
+            )
+        return ""
+    offset = head.pixel_offset or 0
+    if head.transfer_syntax in NATIVE_SYNTAXES:
         have = size - offset - 8  # at least an 8-byte element header precedes the value
         if have < need:
             return f"truncated: pixel data needs {need} bytes, file holds at most {max(have, 0)}"
@@ -169,31 +210,76 @@ def _truncation(path: str, size: int, offset: int, rec: dict[str, Any]) -> str:
     return ""
 
 
-def _read_chunk(paths: list[str]) -> list[dict[str, Any]]:
-    return [read_header(p) for p in paths]
+def _read_chunk(paths: list[str], max_image_mb: float) -> list[dict[str, Any]]:
+    return [read_header(p, max_image_mb) for p in paths]
 
 
-def scan(raw_dir: str | os.PathLike, threads: int = 1, chunk: int = 64) -> pd.DataFrame:
-    """Read the header of every file under ``raw_dir`` in up to ``threads`` processes."""
-    paths = [str(p) for p in iter_files(raw_dir)]
+def scan(
+    raw_dir: str | os.PathLike,
+    threads: int = 1,
+    chunk: int = 64,
+    max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
+) -> pd.DataFrame:
+    """Read the header of every file under ``raw_dir`` in up to ``threads`` processes.
+
+    A folder that cannot be listed becomes a row with ``error`` "unreadable folder: ...".
+    """
+    folder_errors: list[tuple[str, str]] = []
+    paths = [str(p) for p in iter_files(raw_dir, folder_errors)]
     if not paths:
-        raise FileNotFoundError(f"no files under raw_dir {raw_dir!s}")
+        why = f" ({folder_errors[0][1]})" if folder_errors else ""
+        raise FileNotFoundError(f"no readable files under raw_dir {raw_dir!s}{why}")
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = [{"path": p, "error": e} for p, e in folder_errors]
     bar = tqdm(total=len(paths), desc="ingest headers", unit="file", file=sys.stderr, mininterval=2)
     if threads <= 1:
         for c in chunks:
-            records.extend(_read_chunk(c))
+            records.extend(_read_chunk(c, max_image_mb))
             bar.update(len(c))
     else:
         with ProcessPoolExecutor(max_workers=threads) as pool:
-            futures = {pool.submit(_read_chunk, c): len(c) for c in chunks}
+            futures = {pool.submit(_read_chunk, c, max_image_mb): len(c) for c in chunks}
             for fut in as_completed(futures):
                 records.extend(fut.result())
                 bar.update(futures[fut])
     bar.close()
+    # paths stay Python objects: a name that is not UTF-8 holds lone surrogates, which pandas'
+    # Arrow-backed strings cannot store (and which ``open`` needs as they are)
+    path_col = pd.Series([r.pop("path") for r in records], dtype=object)
     df = pd.DataFrame.from_records(records)
+    df.insert(0, "path", path_col)
+    for col in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if col not in df.columns:
+            df[col] = None
     return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def mark_duplicates(files: pd.DataFrame) -> pd.DataFrame:
+    """Add ``duplicate``: "copy" for a byte-identical second file of one SOPInstanceUID (kept
+    once), "conflict" for files of one SOPInstanceUID whose bytes differ, else ""."""
+    out = files.copy()
+    out["duplicate"] = ""
+    ok = out[(out["error"] == "") & out["SOPInstanceUID"].fillna("").astype(bool)]
+    keys = ["SeriesInstanceUID", "SOPInstanceUID"]
+    dup = ok[ok.duplicated(keys, keep=False)]
+    for _, g in dup.groupby(keys, sort=False):
+        digests = {i: _sha256(p) for i, p in g["path"].items()}
+        if len(set(digests.values())) == 1:
+            out.loc[list(g.index[1:]), "duplicate"] = "copy"
+        else:
+            out.loc[list(g.index), "duplicate"] = "conflict"
+    return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return f"unreadable:{path}"
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- series level
@@ -206,16 +292,49 @@ def _first(values: Iterable[Any]) -> Any:
     return None
 
 
-def summarize_series(files: pd.DataFrame, rules: SelectionRules) -> pd.DataFrame:
+def usable(files: pd.DataFrame) -> pd.Series:
+    """Files that are part of their series: readable, and not a byte-identical copy."""
+    ok = files["error"] == ""
+    if "duplicate" in files.columns:
+        ok &= files["duplicate"] != "copy"
+    return ok
+
+
+def summarize_series(
+    files: pd.DataFrame,
+    rules: SelectionRules,
+    max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
+) -> pd.DataFrame:
     """One row per (study, series) from file-level headers (raw identifiers still present)."""
     dicom = files[files["StudyInstanceUID"].fillna("").astype(bool)] if len(files) else files
     rows = []
     for (study_uid, series_uid), g in dicom.groupby(
         ["StudyInstanceUID", "SeriesInstanceUID"], sort=True
     ):
-        good = g[g["error"] == ""]
-        rows.append(_series_row(study_uid, series_uid, g, good, rules))
+        good = g[usable(g)]
+        row = _series_row(study_uid, series_uid, g, good, rules)
+        row.update(_size_and_duplicates(g, good, max_image_mb))
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _size_and_duplicates(g: pd.DataFrame, good: pd.DataFrame, max_image_mb: float) -> dict:
+    """``too_large`` (reason or ""), ``duplicate_copies`` and ``duplicate_conflicts``."""
+    errors = g["error"].fillna("")
+    over = errors[errors.str.startswith("claims ")]
+    if len(over):
+        too = f"{len(over)} instance(s) over budget: {over.iloc[0]}"
+    else:  # the int16 volume convert would allocate, over every file of the series
+        claim = g.loc[errors == "", "claim_bytes"] if "claim_bytes" in g.columns else []
+        too = dicomsafe.too_large(int(np.nansum(claim)), max_image_mb, "int16 volume")
+        too = f"series {too}" if too else ""
+    dup = g["duplicate"] if "duplicate" in g.columns else pd.Series([""] * len(g), index=g.index)
+    conflicts = g.loc[dup == "conflict", "SOPInstanceUID"].nunique()
+    return {
+        "too_large": too,
+        "duplicate_copies": int((dup == "copy").sum()),
+        "duplicate_conflicts": int(conflicts),
+    }
 
 
 def _series_row(
@@ -238,7 +357,7 @@ def _series_row(
         "manufacturer": _first(ref["Manufacturer"]) or "",
         "model": _first(ref["ManufacturerModelName"]) or "",
         "n_instances": int(len(good)),
-        "n_bad_files": int(len(g) - len(good)),
+        "n_bad_files": int((g["error"] != "").sum()),
         "n_frames": int(np.nansum([f or 1 for f in good["NumberOfFrames"]])) if len(good) else 0,
         "transfer_syntax": "\\".join(sorted(set(ref["TransferSyntaxUID"].dropna()))),
         "rescale_intercept": "\\".join(
@@ -313,6 +432,8 @@ def _geometry(good: pd.DataFrame, rules: SelectionRules) -> dict[str, Any]:
 def exclusion(row: pd.Series | dict[str, Any], rules: SelectionRules) -> tuple[str, str]:
     """(code, reason) when a series cannot become a case; ("", "") when it is eligible."""
     r = row
+    if r.get("too_large"):  # before anything else: nothing of it is read further
+        return "TOO_LARGE", str(r["too_large"])
     if r["n_bad_files"] and r["n_instances"] == 0:
         return "UNREADABLE", f"all {r['n_bad_files']} file(s) unreadable or truncated"
     if r["modality"] not in rules.modalities:
@@ -325,6 +446,11 @@ def exclusion(row: pd.Series | dict[str, Any], rules: SelectionRules) -> tuple[s
         return "IMAGE_TYPE", f"image type {r['image_type']} contains {', '.join(bad)}"
     if r["n_bad_files"]:
         return "BAD_FILES", f"{r['n_bad_files']} unreadable or truncated instance(s)"
+    if r.get("duplicate_conflicts"):
+        return (
+            "DUPLICATE_SOP_INSTANCE",
+            f"{r['duplicate_conflicts']} SOPInstanceUID(s) each held by different files",
+        )
     if r["n_frames"] > r["n_instances"]:
         return "MULTIFRAME", "multi-frame (enhanced) series are not supported yet"
     if r["n_instances"] < rules.min_slices:
@@ -431,6 +557,8 @@ def flags(row: pd.Series) -> str:
         f.append("gantry_tilt")
     if row.get("missing_slices"):
         f.append("missing_slices")
+    if row.get("duplicate_copies"):
+        f.append("duplicate_files_ignored")  # byte-identical copies of an instance, kept once
     if "1.2.840.10008.1.2.5" in str(row.get("transfer_syntax", "")):
         f.append("rle")
     has = row.get("has_label")
@@ -507,6 +635,11 @@ INVENTORY_COLUMNS = [
 ]
 
 
+def _in_private(template: str) -> str:
+    """A private output's path below the private folder (``paths`` names it from the root)."""
+    return str(Path(template).relative_to(paths.PRIVATE))
+
+
 def ingest(
     raw_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -515,11 +648,16 @@ def ingest(
     labels: LabelSpec,
     salt: str,
     threads: int = 1,
+    max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
 ) -> pd.DataFrame:
-    """Index ``raw_dir`` and write the inventory, rejected files, id map and per-case file lists."""
+    """Index ``raw_dir`` and write the inventory, rejected files, id map and per-case file lists.
+
+    ``max_image_mb`` bounds what one file's header, and one series' int16 volume, may claim:
+    over it a file is rejected and its series excluded (TOO_LARGE) before any pixel is read.
+    """
     out_dir, private_dir = Path(out_dir), Path(private_dir)
-    files = scan(raw_dir, threads=threads)
-    series = summarize_series(files, rules)
+    files = mark_duplicates(scan(raw_dir, threads=threads, max_image_mb=max_image_mb))
+    series = summarize_series(files, rules, max_image_mb)
     series = select_series(series, rules)
     series = join_labels(series, read_labels(labels), labels)
     series["flags"] = [flags(r) for _, r in series.iterrows()]
@@ -530,11 +668,23 @@ def ingest(
     _write_rejected(files, series, salt, raw_dir, out_dir, private_dir)
     write_table(
         id_map.sort_values(["subject_id", "study_id", "series_id"]),
-        private_dir / "id_map.csv",
-        str(private_dir / "id_map.parquet"),
+        private_dir / _in_private(paths.ID_MAP),
+        str(private_dir / _in_private(paths.ID_MAP_PARQUET)),
     )
-    _write_filelists(files, series, private_dir / "series")
+    _write_filelists(files, series, private_dir / Path(_in_private(paths.FILE_LIST)).parent)
     return public
+
+
+def _text_key(path: str) -> str:
+    """A path as valid text: bytes that are not UTF-8 (surrogates) backslash-escaped."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
 
 
 def _write_rejected(
@@ -547,38 +697,52 @@ def _write_rejected(
 ) -> None:
     """Unusable files: public table with pseudonymous ids, private one with the raw paths."""
     bad = files[files["error"] != ""].copy()
-    rel = [os.path.relpath(p, raw_dir) for p in bad["path"]]
+    rel = [_text_key(os.path.relpath(p, raw_dir)) for p in bad["path"]]
     bad["file_id"] = [
         ids.pseudonym("series", f"file:{r}", salt).replace("ser-", "file-") for r in rel
     ]
     bad["series_id"] = [
         ids.pseudonym("series", s, salt) if isinstance(s, str) and s else ""
-        for s in bad.get("SeriesInstanceUID", pd.Series([""] * len(bad), index=bad.index))
+        for s in bad["SeriesInstanceUID"]
     ]
     bad["extension"] = [ids.sanitize(Path(r).suffix.lstrip(".") or "none", 16) for r in rel]
-    bad["size_bytes"] = [os.path.getsize(p) for p in bad["path"]]
-    # the error text never carries header values, only pydicom's message about the bytes
+    bad["size_bytes"] = pd.array([_size(p) for p in bad["path"]], dtype="Int64")
+    # the error text never carries header values nor the path (pydicom's and the OS's messages
+    # can quote it): it is scrubbed where it is made and once more here
+    bad["error"] = [
+        dicomsafe.scrub(e, p, r, _text_key(p))
+        for e, p, r in zip(bad["error"], bad["path"], rel, strict=True)
+    ]
     public = bad[["file_id", "series_id", "extension", "size_bytes", "error"]]
     write_table(public, out_dir / "rejected_files.csv")
     private = bad.assign(relative_path=rel)[["file_id", "series_id", "relative_path", "error"]]
-    write_table(private, private_dir / "rejected_files.csv")
+    write_table(private, private_dir / _in_private(paths.REJECTED_FILES_PRIVATE))
 
 
 def _write_filelists(files: pd.DataFrame, series: pd.DataFrame, dest: Path) -> None:
-    """One text file per selected case listing its readable instances (private: raw paths)."""
+    """One JSON list per selected case of its instances' paths (private: raw paths).
+
+    JSON, not lines: a file name may hold a newline, trailing spaces or bytes that are not
+    UTF-8 (kept as escaped lone surrogates by ``ensure_ascii``, which ``json.load`` and ``open``
+    round-trip). Byte-identical copies of an instance are listed once.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    good = files[files["error"] == ""]
+    good = files[usable(files)]
     by_series = {k: g["path"] for k, g in good.groupby("SeriesInstanceUID")}
+    name = Path(paths.FILE_LIST).name
     wanted = set()
     for _, r in series[series["selected"]].iterrows():
-        wanted.add(f"{r['case_id']}.txt")
-        text = "\n".join(sorted(by_series[r["SeriesInstanceUID"]])) + "\n"
-        target = dest / f"{r['case_id']}.txt"
+        target = dest / name.format(case=r["case_id"])
+        wanted.add(target.name)
+        text = json.dumps(sorted(by_series[r["SeriesInstanceUID"]]), ensure_ascii=True, indent=0)
+        text += "\n"
         # unchanged lists keep their mtime, so re-ingesting does not re-trigger conversions
         if not target.exists() or target.read_text() != text:
             write_text(target, text)
-    for stale in dest.glob("*.txt"):
-        if stale.name not in wanted:
+    suffix = Path(name).suffix
+    for stale in dest.iterdir():
+        # lists of cases no longer selected, and the line lists (.txt) of older versions
+        if stale.suffix in (suffix, ".txt") and stale.name not in wanted and stale.is_file():
             stale.unlink()
 
 

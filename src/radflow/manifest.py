@@ -26,7 +26,7 @@ import pandera.pandas as pa
 
 import radflow
 from radflow import paths
-from radflow.io import write_json, write_table
+from radflow.io import read_id_map, write_json, write_table
 
 SPLITS = paths.SPLITS
 EXCLUDED_COLUMNS = ["id", "subject_id", "stage", "reason_code", "reason"]
@@ -363,11 +363,7 @@ def relabel(inventory: pd.DataFrame, spec: Any, id_map: str | os.PathLike | None
 
     if id_map is None:
         raise ValueError("joining a labels sheet needs the private id map (--id-map)")
-    if str(id_map).endswith(".parquet"):  # raw values (the CSV's may be neutralised)
-        keys = pd.read_parquet(id_map, columns=["series_id", spec.key]).astype(str)
-    else:
-        keys = pd.read_csv(id_map, dtype=str)[["series_id", spec.key]]
-    keys = keys.drop_duplicates("series_id")
+    keys = read_id_map(id_map)[["series_id", spec.key]].drop_duplicates("series_id")
     inv = inventory.drop(columns=["label", "has_label"], errors="ignore")
     inv = inv.merge(keys, on="series_id", how="left")
     inv = labels.join_labels(inv, labels.read_labels(spec), spec)

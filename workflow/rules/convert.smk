@@ -25,10 +25,12 @@ rule convert:
     params:
         settings=as_json(without(config["convert"], "threads")),
         nifti=paths.NIFTI,
+        max_mb=config["ingest"]["max_image_mb"],
     shell:
         "radflow convert {input.files:q} {params.nifti:q} --sidecar {output.sidecar:q} "
         "--settings {params.settings:q} --case-id {wildcards.case:q} "
-        "--inventory {input.inventory:q} --record-failure --threads {threads} > {log:q} 2>&1"
+        "--inventory {input.inventory:q} --max-image-mb {params.max_mb:q} --record-failure "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule convert_all:

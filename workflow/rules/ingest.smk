@@ -32,6 +32,8 @@ checkpoint ingest:
         salt=fingerprint(config["ids"]["salt"]),
         out=os.path.dirname(paths.INVENTORY_CSV),
         private=paths.PRIVATE,
+        max_mb=config["ingest"]["max_image_mb"],
     shell:
         "radflow ingest {input.raw:q} {params.out:q} --private-dir {params.private:q} "
-        "--selection {params.selection:q} --threads {threads} > {log:q} 2>&1"
+        "--selection {params.selection:q} --max-image-mb {params.max_mb:q} "
+        "--threads {threads} > {log:q} 2>&1"
