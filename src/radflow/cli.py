@@ -271,7 +271,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from radflow import explain
 
     settings = explain.ExplainSettings.from_dict(args.settings)
-    s = explain.explain_cohort(
+    s = explain.explain(
         args.checkpoint,
         args.manifest,
         args.out_dir,
