@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 
 import _results
-from radflow import manifest, train
+from radflow import inputs, manifest, train
 from radflow.io import save_nifti
+from radflow.model import build_model, resolve_device
 
 
 def synthetic_manifest(root: Path, n: int, size: int) -> Path:
@@ -100,7 +101,7 @@ def main() -> None:
     _results.start("train_throughput", args)
 
     torch.set_num_threads(args.threads)
-    device = train.resolve_device(args.device)
+    device = resolve_device(args.device)
     amp = args.amp and device.type == "cuda"
     settings = train.TrainSettings.from_dict({"arch": args.arch, "device": str(device)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,12 +115,12 @@ def main() -> None:
             root = path.resolve().parent.parent
         cases = manifest.read(path)
         cases = cases[cases["split"] == "train"] if args.manifest else cases
-        cache = train.Cache(cases, root, settings, device)
+        cache = inputs.Cache(cases, root, settings.inputs, device)
         size = tuple(cache.data.shape[2:])
         results = {}
         for name in ("synthetic", "real"):
             torch.manual_seed(0)
-            model = train.build_model(args.arch, 1, 2).to(device)
+            model = build_model(args.arch, 1, 2).to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             gen = torch.Generator().manual_seed(0)
             fixed = torch.rand(args.batch, 1, *size[::-1], device=device)

@@ -10,15 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from radflow import explain, train
+from radflow import explain
+from radflow.inputs import InputSpec
 from radflow.io import save_nifti
+from radflow.model import build_model, save_checkpoint
 
 
 def _checkpoint(path, channels=("image",)):
     torch.manual_seed(0)
-    model = train.build_model("r3d_18", len(channels), 2)
-    s = train.TrainSettings(channels=tuple(channels), hu_window=(-40.0, 160.0))
-    train.save_checkpoint(path, model, s, 2, 0, 0.5)
+    model = build_model("r3d_18", len(channels), 2)
+    spec = InputSpec(channels=tuple(channels), hu_window=(-40.0, 160.0))
+    save_checkpoint(path, model, "r3d_18", spec, 2, 0, 0.5)
     return path
 
 
@@ -42,7 +44,7 @@ def _case(tmp_path, ct_shape=(40, 36, 30)):
 
 def test_grad_cam_plus_plus_runs_on_5d_input():
     torch.manual_seed(0)
-    model = train.build_model("r3d_18", 1, 2).eval()
+    model = build_model("r3d_18", 1, 2).eval()
     x = torch.rand(1, 1, 16, 20, 24)
     for method in explain.METHODS:
         norm, raw = explain.compute_cam(model, x, method, "layer4", 1)
@@ -64,7 +66,7 @@ def test_log_odds_target_is_what_moves_the_softmax_probability():
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     torch.manual_seed(0)
-    model = train.build_model("r3d_18", 1, 2).eval()
+    model = build_model("r3d_18", 1, 2).eval()
     x = torch.rand(1, 1, 16, 16, 16)
     ours, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1, "log_odds")
     with GradCAM(model=model, target_layers=[model.layer3]) as cam:
@@ -75,7 +77,7 @@ def test_log_odds_target_is_what_moves_the_softmax_probability():
 
 
 def test_unknown_target_layer_is_a_clear_error():
-    model = train.build_model("r3d_18", 1, 2)
+    model = build_model("r3d_18", 1, 2)
     with pytest.raises(ValueError, match="layer9"):
         explain.target_module(model, "layer9")
     assert explain.target_module(model, "layer4.1.conv2") is model.layer4[1].conv2
@@ -158,7 +160,7 @@ def test_pointing_game_and_mass():
 def test_randomised_model_cam_differs_from_a_trained_one():
     """Sanity of the check itself: the same weights give r = 1, fresh random weights do not."""
     torch.manual_seed(0)
-    model = train.build_model("r3d_18", 1, 2).eval()
+    model = build_model("r3d_18", 1, 2).eval()
     x = torch.rand(1, 1, 32, 32, 32)
     a, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1)
     b, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1)

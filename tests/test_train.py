@@ -1,5 +1,6 @@
-"""train/evaluate on tiny synthetic volumes: steps run, stems adapt, resume is exact, metrics
-match scikit-learn and the threshold comes from validation only."""
+"""train/evaluate on tiny synthetic volumes: steps run, resume is exact, the dataset and the
+training cache see the same input, metrics match scikit-learn and the threshold comes from
+validation only."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from radflow import evaluate, manifest, train
+from radflow import evaluate, inputs, manifest, train
+from radflow.data import CaseDataset
 from radflow.io import save_nifti
 
 
@@ -99,30 +101,34 @@ def test_model_selection_breaks_auc_ties_on_validation_loss():
     assert train.is_better(float("nan"), float("nan"), -1.0, 0.2)  # no validation: latest
 
 
-def test_stem_adaptation_keeps_the_summed_rgb_kernels():
-    import torchvision.models.video as tvv
-
-    model = tvv.r3d_18(weights=None)
-    rgb = model.stem[0].weight.detach().clone()
-    train.adapt_stem(model, 2)
-    w = model.stem[0].weight.detach()
-    assert w.shape[1] == 2
-    torch.testing.assert_close(w[:, 0], rgb.sum(1))
-    assert torch.count_nonzero(w[:, 1]) == 0
-
-
-def test_missing_kinetics_weights_are_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match=r"r3d_18-.*\.pth in .*hub/checkpoints"):
-        train.build_model("r3d_18", 1, 2, "kinetics400")
+def test_settings_are_those_of_the_schema():
+    with pytest.raises(ValueError, match="unknown train keys"):
+        train.TrainSettings.from_dict({"workers": 0})  # the reserved key is gone
+    with pytest.raises(ValueError, match="train.device"):
+        train.TrainSettings.from_dict({"device": "gpu"})
+    with pytest.raises(ValueError, match="train.intensity_rule"):
+        train.TrainSettings.from_dict({"intensity_rule": "zscore"})
+    s = train.TrainSettings.from_dict({"channels": ["image", "roi"], "hu_window": [-40, 160]})
+    assert s.inputs == inputs.InputSpec(("image", "roi"), (-40, 160), "hu_window")
 
 
-def test_transfer_from_another_task_keeps_backbone_not_head(tmp_path):
-    src = train.build_model("r3d_18", 1, 3, "none")
-    torch.save({"model": src.state_dict()}, tmp_path / "other.pt")
-    dst = train.build_model("r3d_18", 1, 2, str(tmp_path / "other.pt"))
-    torch.testing.assert_close(dst.layer4[0].conv1[0].weight, src.layer4[0].conv1[0].weight)
-    assert dst.fc.out_features == 2
+def test_dataset_and_training_cache_see_the_same_input(tmp_path):
+    m = _tiny_cohort(tmp_path)
+    spec = inputs.InputSpec(("image", "roi"), (-40.0, 160.0))
+    ds = CaseDataset(
+        m, split="val", channels=spec.channels, hu_window=spec.hu_window, root=tmp_path
+    )
+    cases = manifest.read(m)
+    cache = inputs.Cache(cases[cases["split"] == "val"], tmp_path, spec, torch.device("cpu"))
+    assert cache.data.dtype == torch.int16 and cache.image_channels == [0]
+    x = cache.batch(range(len(cache)))  # (B, C, Z, Y, X)
+    assert x.shape == (3, 2, 16, 16, 16)
+    for i in range(len(ds)):
+        arr = ds.array(i)  # (C, X, Y, Z)
+        hu = inputs.read_case(ds.cases.iloc[i], ("image",), tmp_path)[0].astype(np.float32)
+        np.testing.assert_array_equal(arr[0], np.clip((hu + 40) / 200, 0, 1))
+        np.testing.assert_array_equal(arr[1], 1.0)
+        np.testing.assert_array_equal(x[i].permute(0, 3, 2, 1).numpy(), arr)
 
 
 def test_resume_after_a_kill_is_exact(tmp_path):

@@ -7,26 +7,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from radflow import manifest
+from radflow.inputs import CHANNELS, HU_WINDOW, InputSpec, read_case
 
-CHANNELS = ("image", "roi")
-
-
-def window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """HU -> [0, 1] float32 through a window (values outside are clipped)."""
-    return np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+__all__ = ["CHANNELS", "CaseDataset"]
 
 
 class CaseDataset:
     """Cases of one split as ``(tensor[C, X, Y, Z], label, case_id)``.
 
-    ``channels``: ``image`` (the masked volume, HU windowed to [0, 1]) and/or ``roi`` (the ROI
-    mask on the same grid). Paths in the manifest are relative to ``root`` (default: the folder
-    holding ``manifests/``). Volumes are in RAS order (x, y, z).
+    ``channels``: ``image`` (the masked volume, through the intensity rule: by default the HU
+    window to [0, 1]) and/or ``roi`` (the ROI mask on the same grid, 0/1) -- the input contract
+    of ``radflow.inputs``, as training sees it but in RAS order (x, y, z). Paths in the manifest
+    are relative to ``root`` (default: the folder holding ``manifests/``).
     """
 
     def __init__(
@@ -34,9 +30,10 @@ class CaseDataset:
         cases: pd.DataFrame | str | os.PathLike,
         split: str | Sequence[str] | None = "train",
         channels: Sequence[str] = ("image",),
-        hu_window: tuple[float, float] = (-160.0, 240.0),
+        hu_window: tuple[float, float] = HU_WINDOW,
         root: str | os.PathLike | None = None,
         fold: int | None = None,
+        intensity_rule: str = "hu_window",
     ) -> None:
         if not isinstance(cases, pd.DataFrame):
             path = Path(cases)
@@ -44,9 +41,7 @@ class CaseDataset:
             cases = manifest.read(path)
         else:
             cases = manifest.validate(cases)
-        bad = [c for c in channels if c not in CHANNELS]
-        if bad or not channels:
-            raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {channels}")
+        self.inputs = InputSpec(tuple(channels), tuple(hu_window), intensity_rule)  # type: ignore[arg-type]
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
             cases = cases[cases["split"].isin(splits)]
@@ -67,16 +62,7 @@ class CaseDataset:
 
     def array(self, i: int) -> np.ndarray:
         """The (C, X, Y, Z) float32 input of case ``i``."""
-        row = self.cases.iloc[i]
-        chans = []
-        for c in self.channels:
-            data = np.asanyarray(
-                nib.load(self.root / row[{"image": "masked", "roi": "roi"}[c]]).dataobj
-            )
-            chans.append(
-                window(data, *self.hu_window) if c == "image" else (data > 0).astype(np.float32)
-            )
-        return np.stack(chans)
+        return self.inputs.array(read_case(self.cases.iloc[i], self.channels, self.root))
 
     def __getitem__(self, i: int) -> tuple[Any, int, str]:
         import torch

@@ -75,18 +75,17 @@ def evaluate(
     """Predict every case, pick the threshold on val, report test; write tables and plots."""
     import torch
 
-    from radflow import manifest, train
+    from radflow import manifest
+    from radflow.inputs import Cache, InputSpec
+    from radflow.model import load_checkpoint, predict, resolve_device
 
     torch.set_num_threads(threads)
-    dev = train.resolve_device(device)
-    model, ck = train.load_checkpoint(checkpoint, str(dev))
+    dev = resolve_device(device)
+    model, ck = load_checkpoint(checkpoint, dev)
     model.to(dev)
-    settings = train.TrainSettings.from_dict(
-        {"channels": ck["channels"], "hu_window": ck["hu_window"], "device": str(dev)}
-    )
     cases = manifest.read(manifest_path)
-    cache = train.Cache(cases, Path(root), settings, dev)
-    prob = train.predict(model, cache, 4, dev.type == "cuda")
+    cache = Cache(cases, root, InputSpec.from_checkpoint(ck), dev)
+    prob = predict(model, cache, 4, dev.type == "cuda")
     preds = cases[["case_id", "subject_id", "split", "label"]].copy()
     preds["probability"] = prob
     val = preds[preds["split"] == "val"]

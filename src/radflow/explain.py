@@ -29,7 +29,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from radflow import geometry
+from radflow import geometry, inputs
 from radflow.io import read_id_map, save_nifti, write_json
 from radflow.settings import section
 
@@ -39,7 +39,7 @@ SCORES = ("log_odds", "logit")
 
 @dataclass(frozen=True)
 class ExplainSettings:
-    """Explanation settings (config key ``explain``)."""
+    """Explanation settings (config key ``explain``; defaults: the schema's)."""
 
     method: str = "gradcam"  # gradcam | gradcam++
     target_layer: str = "layer4"  # dotted module path; default: the last residual block
@@ -48,7 +48,7 @@ class ExplainSettings:
     # the others: what moves the softmax probability), or its bare logit (grad-cam's default,
     # which also credits evidence that raises every class's logit alike)
     score: str = "log_odds"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     random_seed: int = 0  # seed of the re-initialised model of the randomisation check
 
     @classmethod
@@ -59,6 +59,9 @@ class ExplainSettings:
             raise ValueError(f"explain.method must be one of {METHODS}")
         if d.get("score", "log_odds") not in SCORES:
             raise ValueError(f"explain.score must be one of {SCORES}")
+        from radflow.model import check_device
+
+        check_device(d.get("device", cls.device), "explain.device")
         return cls(**d)
 
 
@@ -168,20 +171,20 @@ def random_model_like(ck: dict[str, Any], seed: int) -> Any:
     """The checkpoint's architecture with fresh random weights (model-randomisation check)."""
     import torch
 
-    from radflow import train
+    from radflow.model import build_model
 
     torch.manual_seed(seed)
-    return train.build_model(ck["arch"], len(ck["channels"]), ck["n_classes"], "none").eval()
+    return build_model(ck["arch"], len(ck["channels"]), ck["n_classes"], "none").eval()
 
 
 def load_models(
     checkpoint: str | os.PathLike, settings: ExplainSettings
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(trained model, randomly re-initialised twin, checkpoint metadata) on the device."""
-    from radflow import train
+    from radflow.model import load_checkpoint, resolve_device
 
-    dev = train.resolve_device(settings.device)
-    model, ck = train.load_checkpoint(checkpoint, str(dev))
+    dev = resolve_device(settings.device)
+    model, ck = load_checkpoint(checkpoint, dev)
     return model.to(dev), random_model_like(ck, settings.random_seed).to(dev), ck
 
 
@@ -199,17 +202,15 @@ def explain_case(
     """Explain one case: CAM volumes, picture and numbers (see the module docstring)."""
     import torch
 
-    from radflow import train
-
     model, rand_model, ck = models
+    spec = inputs.InputSpec.from_checkpoint(ck)
     dev = next(model.parameters()).device
     masked = nib.load(str(masked_path))
-    roi_img = nib.load(str(roi_path))
-    hu = np.asanyarray(masked.dataobj).astype(np.int16)
-    roi = np.asanyarray(roi_img.dataobj) > 0
-    arrays = {"image": hu, "roi": roi.astype(np.int16)}
-    vol = np.stack([arrays[c] for c in ck["channels"]])[None]
-    x = train.model_input(torch.from_numpy(vol).to(dev), ck["channels"], ck["hu_window"])
+    # every channel once (the picture and the numbers need both), then the model's channels
+    stored = inputs.read_case({"masked": masked_path, "roi": roi_path}, inputs.CHANNELS)
+    hu, roi = stored[inputs.CHANNELS.index("image")], stored[inputs.CHANNELS.index("roi")] > 0
+    vol = stored[[inputs.CHANNELS.index(c) for c in spec.channels]][None]
+    x = spec.network_input(torch.from_numpy(vol).to(dev))
     with torch.no_grad():
         prob = float(model(x).float().softmax(1)[0, settings.target_class])
     how = (settings.method, settings.target_layer, settings.target_class, settings.score)
@@ -245,7 +246,8 @@ def explain_case(
         "mass_in_roi": mass_inside(raw, roi),
         "randomised_model": correlation(cam, rand_cam),
         "checkpoint_epoch": int(ck["epoch"]),
-        "hu_window": list(ck["hu_window"]),
+        "hu_window": list(spec.hu_window),
+        "intensity_rule": spec.intensity_rule,
         "settings": asdict(settings),
     }
     if lesion_path is not None:
@@ -268,12 +270,12 @@ def explain_case(
         f"{case_id}  {info['group']}  p={info['probability']:.2f}  pred={info['prediction']}  "
         f"label={info['label']}  ({settings.method})"
     )
-    cam_png(hu, cam, roi, masked.affine, ck["hu_window"], out / f"{case_id}.png", title)
+    cam_png(hu, cam, roi, masked.affine, spec.hu_window, out / f"{case_id}.png", title)
     write_json(out / f"{case_id}.json", info)
     return info
 
 
-def explain_cohort(
+def explain(
     checkpoint: str | os.PathLike,
     manifest_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -503,10 +505,12 @@ def viewer_case(info: dict[str, Any], masked: Path, roi: Path, cam: Path) -> Any
     from radflow.viewer import ViewerCase
 
     img = nib.load(str(masked))
-    hu = np.asanyarray(img.dataobj).astype(np.float32)
-    ck_window = info.get("hu_window") or (-160.0, 240.0)
-    lo, hi = ck_window
-    ct = np.clip((hu - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+    spec = inputs.InputSpec(
+        ("image",),
+        tuple(info.get("hu_window") or inputs.HU_WINDOW),  # type: ignore[arg-type]
+        info.get("intensity_rule", "hu_window"),
+    )
+    ct = (spec.scale("image", np.asanyarray(img.dataobj)) * 255.0).astype(np.uint8)
     c = np.asanyarray(nib.load(str(cam)).dataobj).astype(np.float32)
     numbers: dict[str, float | int | str] = {
         "raw CAM max": round(info["raw_max"], 4),

@@ -1,15 +1,16 @@
-"""train: fine-tune a torchvision 3D ResNet on the masked volumes of a manifest.
+"""train: fine-tune a 3D network (``model.ARCHITECTURES``) on the masked volumes of a manifest.
 
-* models: ``r3d_18`` (default), ``mc3_18``, ``r2plus1d_18``; the stem takes the configured
-  channels (pretrained RGB kernels summed into the image channel, extra channels start at zero)
-  and a new head; pretrained = none, kinetics400 (from the local torch hub cache, never
-  downloaded) or a checkpoint path (radflow checkpoints transfer between tasks);
+* the network, its pretrained weights and checkpoints come from ``radflow.model``; what it sees
+  of a case (channels, intensity rule, layout) from ``radflow.inputs``;
 * the whole split is cached once as int16 (on the GPU when it fits); augmentation runs on the
   device, batched: flips, rotation, zoom, intensity jitter;
 * AdamW with a cosine or one-cycle schedule, class-balanced loss or sampler, bf16 autocast on
   CUDA, early stopping on validation AUC;
 * ``last.pt`` (model, optimiser, scheduler, epoch, RNG states, history) is written at the end of
   every epoch; restarting after a kill resumes from it. ``best.pt`` holds the best epoch.
+
+The loop is ``train``: ``setup`` (data, network, optimiser), ``resume`` (from ``last.pt``), then
+per epoch ``train_epoch``, ``validate`` and ``end_epoch`` (model selection and checkpoints).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +33,31 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the usual torch spelling
 
 from radflow import manifest
+from radflow.inputs import CHANNELS, HU_WINDOW, INTENSITY_RULES, Cache, InputSpec
+from radflow.model import (
+    ARCHITECTURES,
+    build_model,
+    check_device,
+    predict,
+    resolve_device,
+    save_atomic,
+    save_checkpoint,
+)
 from radflow.settings import section
-
-ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18")
-KINETICS = {
-    "r3d_18": "R3D_18_Weights",
-    "mc3_18": "MC3_18_Weights",
-    "r2plus1d_18": "R2Plus1D_18_Weights",
-}
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Training settings (config key ``train``)."""
+    """Training settings (config key ``train``; defaults: the schema's)."""
 
-    arch: str = "r3d_18"
+    arch: str = "r3d_18"  # a name of model.ARCHITECTURES
     pretrained: str = "none"  # none | kinetics400 | path to a checkpoint
     channels: tuple[str, ...] = ("image",)
-    hu_window: tuple[float, float] = (-160.0, 240.0)
-    epochs: int = 30
-    batch_size: int = 4
-    lr: float = 3e-4  # the schema's default
+    hu_window: tuple[float, float] = HU_WINDOW
+    intensity_rule: str = "hu_window"  # a name of inputs.INTENSITY_RULES
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 3e-4
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine | onecycle
     balance: str = "loss"  # loss | sampler | none
@@ -60,10 +65,9 @@ class TrainSettings:
     rotate_deg: float = 10.0
     zoom: tuple[float, float] = (1.0, 1.1)
     intensity: float = 0.05
-    patience: int = 8
+    patience: int = 15
     amp: bool = True
-    device: str = "auto"
-    workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     fold: int | None = None  # validate on this manifest fold instead of the val split
     tensorboard: bool = False
@@ -72,139 +76,22 @@ class TrainSettings:
     def from_dict(cls, d: dict[str, Any] | None) -> TrainSettings:
         """Build from a config mapping (unknown keys are an error)."""
         d = section(cls, d, "train", ("channels", "hu_window", "zoom"))
-        if d.get("arch", "r3d_18") not in ARCHS:
-            raise ValueError(f"train.arch must be one of {ARCHS}")
+        if d.get("arch", cls.arch) not in ARCHITECTURES:
+            raise ValueError(f"train.arch must be one of {tuple(ARCHITECTURES)}")
+        if d.get("intensity_rule", cls.intensity_rule) not in INTENSITY_RULES:
+            raise ValueError(f"train.intensity_rule must be one of {tuple(INTENSITY_RULES)}")
+        if any(c not in CHANNELS for c in d.get("channels", cls.channels)):
+            raise ValueError(f"train.channels must be a subset of {CHANNELS}")
+        check_device(d.get("device", cls.device), "train.device")
         return cls(**d)
 
-
-# --------------------------------------------------------------------------- model
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    @property
+    def inputs(self) -> InputSpec:
+        """What the network sees of a case."""
+        return InputSpec(self.channels, self.hu_window, self.intensity_rule)
 
 
-def kinetics_file(arch: str) -> Path:
-    """Where torchvision's Kinetics-400 weights for ``arch`` live in the local torch hub cache."""
-    import torchvision.models.video as tvv
-
-    weights = getattr(tvv, KINETICS[arch]).KINETICS400_V1
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-
-
-def adapt_stem(model: nn.Module, in_channels: int) -> nn.Module:
-    """Replace the first conv so it takes ``in_channels``: RGB kernels summed into channel 0."""
-    conv = model.stem[0]
-    new = nn.Conv3d(
-        in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        bias=conv.bias is not None,
-    )
-    with torch.no_grad():
-        new.weight.zero_()
-        new.weight[:, 0] = conv.weight.sum(dim=1)
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    model.stem[0] = new
-    return model
-
-
-def build_model(arch: str, in_channels: int, n_classes: int, pretrained: str = "none") -> nn.Module:
-    """A torchvision video ResNet adapted to ``in_channels`` and ``n_classes``."""
-    import torchvision.models.video as tvv
-
-    model = getattr(tvv, arch)(weights=None)
-    if pretrained == "kinetics400":
-        path = kinetics_file(arch)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"train.pretrained=kinetics400 needs {path.name} in {path.parent} (radflow never "
-                f'downloads). On a connected machine: python -c "import torchvision.models.video '
-                f"as v; v.{arch}(weights='KINETICS400_V1')\" then copy ~/.cache/torch/hub/"
-                f"checkpoints/{path.name} there (or set TORCH_HOME)."
-            )
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    adapt_stem(model, in_channels)
-    model.fc = nn.Linear(model.fc.in_features, n_classes)
-    if pretrained not in ("none", "kinetics400"):
-        load_transfer(model, pretrained)
-    return model
-
-
-def load_transfer(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load a radflow (or plain state-dict) checkpoint; a head of another shape is left new."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"train.pretrained: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt)
-    own = model.state_dict()
-    skipped = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
-    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
-    return skipped
-
-
-# --------------------------------------------------------------------------- data on device
-
-
-class Cache:
-    """One split's volumes as int16/uint8 tensors, loaded once (pinned, or on the GPU)."""
-
-    def __init__(
-        self, cases: pd.DataFrame, root: Path, settings: TrainSettings, device: torch.device
-    ) -> None:
-        import nibabel as nib
-
-        self.case_ids = list(cases["case_id"])
-        self.labels = torch.tensor(cases["label"].to_numpy(), dtype=torch.long)
-        vols = []
-        for r in cases.itertuples():
-            chans = []
-            for c in settings.channels:
-                col = {"image": r.masked, "roi": r.roi}[c]
-                arr = np.asanyarray(nib.load(root / col).dataobj)
-                chans.append(torch.from_numpy(np.ascontiguousarray(arr.astype(np.int16))))
-            vols.append(torch.stack(chans))
-        self.data = torch.stack(vols) if vols else torch.empty(0)
-        self.device = device
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if self.data.numel() * 2 < 0.3 * free:
-                self.data = self.data.to(device)
-            else:
-                self.data = self.data.pin_memory()
-        self.window = settings.hu_window
-        self.channels = settings.channels
-        self.image_channels = [i for i, c in enumerate(settings.channels) if c == "image"]
-
-    def __len__(self) -> int:
-        return len(self.case_ids)
-
-    def batch(self, idx: Sequence[int]) -> torch.Tensor:
-        """Float batch (B, C, Z, Y, X) on the device, HU windowed to [0, 1]."""
-        x = self.data[list(idx)].to(self.device, non_blocking=True)
-        return model_input(x, self.channels, self.window)
-
-
-def model_input(x: torch.Tensor, channels: Sequence[str], window: Sequence[float]) -> torch.Tensor:
-    """Stored volumes (B, C, X, Y, Z) in RAS -> the network's float input (B, C, Z, Y, X).
-
-    ``image`` channels: HU windowed to [0, 1]; ``roi`` channels: 0/1. The network sees the
-    volume as a video (T, H, W) = (z, y, x).
-    """
-    x = x.float()
-    lo, hi = window
-    for c, name in enumerate(channels):
-        if name == "image":
-            x[:, c] = ((x[:, c] - lo) / (hi - lo)).clamp_(0, 1)
-        else:
-            x[:, c] = (x[:, c] > 0).float()
-    return x.permute(0, 1, 4, 3, 2).contiguous()
+# --------------------------------------------------------------------------- augmentation
 
 
 def augment(
@@ -310,19 +197,6 @@ def recalibrate_batchnorm(model: nn.Module, cache: Cache, batch_size: int, amp: 
         m.momentum = mom
 
 
-@torch.no_grad()
-def predict(model: nn.Module, cache: Cache, batch_size: int, amp: bool) -> np.ndarray:
-    """Positive-class probability for every case of a cache."""
-    model.eval()
-    out = []
-    for i in range(0, len(cache), batch_size):
-        x = cache.batch(range(i, min(i + batch_size, len(cache))))
-        with torch.autocast(cache.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        out.append(logits.float().softmax(1)[:, 1].cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
-
-
 def log_loss(labels: np.ndarray, prob: np.ndarray) -> float:
     """Mean binary cross-entropy of positive-class probabilities (NaN for no cases)."""
     if len(labels) == 0:
@@ -368,18 +242,38 @@ class InterruptedRunError(RuntimeError):
     """Raised by ``max_steps`` to stop mid-epoch exactly as a killed job would."""
 
 
-def train(
+@dataclass
+class Run:
+    """One training run: its data, network and optimiser (``setup``) and its progress."""
+
+    settings: TrainSettings
+    out: Path
+    device: torch.device
+    amp: bool
+    n_classes: int
+    train: Cache
+    val: Cache
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: nn.Module
+    class_counts: torch.Tensor
+    generator: torch.Generator
+    fingerprint: str
+    start: int = 0  # the first epoch still to run
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_auc: float = -1.0
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+
+
+def setup(
     manifest_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     settings: TrainSettings,
     root: str | os.PathLike = ".",
-    threads: int = 1,
-    max_steps: int | None = None,
-) -> dict[str, Any]:
-    """Train (or resume) and write best.pt, last.pt and history.csv; returns a summary."""
-    from tqdm import tqdm
-
-    torch.set_num_threads(threads)
+) -> Run:
+    """Seed, cache both splits, build the network, optimiser, schedule and loss."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(settings.device)
@@ -388,8 +282,8 @@ def train(
     cases = manifest.read(manifest_path)
     train_df, val_df = split_frames(cases, settings.fold)
     n_classes = int(cases["label"].max()) + 1
-    root = Path(root)
-    tr, va = Cache(train_df, root, settings, device), Cache(val_df, root, settings, device)
+    spec = settings.inputs
+    tr, va = Cache(train_df, root, spec, device), Cache(val_df, root, spec, device)
     model = build_model(settings.arch, len(settings.channels), n_classes, settings.pretrained)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -402,146 +296,183 @@ def train(
     counts = torch.bincount(tr.labels, minlength=n_classes).float().clamp(min=1)
     class_w = (counts.sum() / (n_classes * counts)).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=class_w if settings.balance == "loss" else None)
-    gen = torch.Generator().manual_seed(settings.seed)
-    start, history, best_auc, best_loss, bad_epochs = 0, [], -1.0, math.inf, 0
-    last = out / "last.pt"
-    fingerprint = run_fingerprint(manifest_path, settings)
-    if last.exists():  # resume after a kill -- only the same run, never a stale one
-        ck = torch.load(last, map_location=device, weights_only=True)
-        if ck.get("fingerprint") != fingerprint:
+    return Run(
+        settings=settings,
+        out=out,
+        device=device,
+        amp=amp,
+        n_classes=n_classes,
+        train=tr,
+        val=va,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        loss_fn=loss_fn,
+        class_counts=counts,
+        generator=torch.Generator().manual_seed(settings.seed),
+        fingerprint=run_fingerprint(manifest_path, settings),
+    )
+
+
+def resume(run: Run) -> None:
+    """Continue from ``last.pt`` -- only the same run's; a stale one (other manifest or
+    settings) is removed with its ``best.pt``."""
+    last = run.out / "last.pt"
+    if last.exists():
+        ck = torch.load(last, map_location=run.device, weights_only=True)
+        if ck.get("fingerprint") != run.fingerprint:
             print(f"{last} is from another manifest or settings: starting afresh", file=sys.stderr)
             last.unlink()
-            (out / "best.pt").unlink(missing_ok=True)
-    if last.exists():
-        ck = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        gen.set_state(ck["generator"])
-        _set_rng_state(ck["rng"])
-        start, best_auc, bad_epochs = ck["epoch"] + 1, ck["best_auc"], ck["bad_epochs"]
-        best_loss = ck.get("best_loss", math.inf)
-        history = json.loads(ck["history"])
-        print(f"resumed from {last} at epoch {start}", file=sys.stderr)
-    writer = None
-    if settings.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-    steps = 0
-    for epoch in range(start, settings.epochs):
-        if bad_epochs >= settings.patience:
-            break
-        t0 = time.perf_counter()
-        model.train()
-        if settings.balance == "sampler":
-            w = (1.0 / counts)[tr.labels]
-            order = torch.multinomial(w, len(tr), replacement=True, generator=gen).tolist()
-        else:
-            order = torch.randperm(len(tr), generator=gen).tolist()
-        losses = []
-        bar = tqdm(
-            range(0, len(order), settings.batch_size),
-            desc=f"epoch {epoch}",
-            file=sys.stderr,
-            mininterval=5,
-        )
-        for i in bar:
-            idx = order[i : i + settings.batch_size]
-            x = augment(tr.batch(idx), settings, gen, tr.image_channels)
-            y = tr.labels[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            steps += 1
-            if max_steps is not None and steps >= max_steps:  # tests: die like a killed job
-                raise InterruptedRunError(f"stopped after {steps} steps (epoch {epoch})")
-        recalibrate_batchnorm(model, tr, settings.batch_size, amp)
-        val_prob = predict(model, va, settings.batch_size, amp)
-        val_auc = auc(va.labels.numpy(), val_prob)
-        val_loss = log_loss(va.labels.numpy(), val_prob)
-        row = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "val_loss": val_loss,
-            "val_auc": val_auc,
-            "lr": sched.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        history.append(row)
-        print(json.dumps(row), file=sys.stderr)
-        if writer is not None:
-            for k in ("loss", "val_auc", "lr"):
-                writer.add_scalar(k, row[k], epoch)
-        if is_better(val_auc, val_loss, best_auc, best_loss):
-            best_auc = -1.0 if math.isnan(val_auc) else val_auc
-            best_loss, bad_epochs = val_loss, 0
-            save_checkpoint(out / "best.pt", model, settings, n_classes, epoch, val_auc)
-        else:
-            bad_epochs += 1
-        _atomic_save(
-            out / "last.pt",
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "generator": gen.get_state(),
-                "rng": _rng_state(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_loss": best_loss,
-                "bad_epochs": bad_epochs,
-                "fingerprint": fingerprint,
-                "history": json.dumps(history),
-            },
-        )
-        pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    if writer is not None:
-        writer.close()
-    if not (out / "best.pt").exists():
-        save_checkpoint(out / "best.pt", model, settings, n_classes, start, best_auc)
-    pd.DataFrame(history).to_csv(out / "history.csv", index=False)
-    return {"best_val_auc": best_auc, "epochs_run": len(history), "device": str(device)}
+            (run.out / "best.pt").unlink(missing_ok=True)
+    if not last.exists():
+        return
+    ck = torch.load(last, map_location=run.device, weights_only=True)
+    run.model.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.generator.set_state(ck["generator"])
+    _set_rng_state(ck["rng"])
+    run.start, run.best_auc, run.bad_epochs = ck["epoch"] + 1, ck["best_auc"], ck["bad_epochs"]
+    run.best_loss = ck.get("best_loss", math.inf)
+    run.history = json.loads(ck["history"])
+    print(f"resumed from {last} at epoch {run.start}", file=sys.stderr)
 
 
-def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    settings: TrainSettings,
-    n_classes: int,
-    epoch: int,
-    val_auc: float,
-) -> None:
-    """A self-describing checkpoint that loads with ``torch.load(weights_only=True)``."""
-    _atomic_save(
-        path,
+def train_epoch(
+    run: Run, epoch: int, steps: int, max_steps: int | None = None
+) -> tuple[float, int]:
+    """One pass over the (shuffled or resampled) training split: (mean loss, steps so far).
+
+    ``max_steps`` (tests) raises ``InterruptedRunError`` after that many steps of this process,
+    exactly where a killed job would stop.
+    """
+    from tqdm import tqdm
+
+    s, tr, gen = run.settings, run.train, run.generator
+    run.model.train()
+    if s.balance == "sampler":
+        w = (1.0 / run.class_counts)[tr.labels]
+        order = torch.multinomial(w, len(tr), replacement=True, generator=gen).tolist()
+    else:
+        order = torch.randperm(len(tr), generator=gen).tolist()
+    losses = []
+    bar = tqdm(
+        range(0, len(order), s.batch_size), desc=f"epoch {epoch}", file=sys.stderr, mininterval=5
+    )
+    for i in bar:
+        idx = order[i : i + s.batch_size]
+        x = augment(tr.batch(idx), s, gen, tr.image_channels)
+        y = tr.labels[idx].to(run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            loss = run.loss_fn(run.model(x).float(), y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        losses.append(loss.item())
+        steps += 1
+        if max_steps is not None and steps >= max_steps:  # tests: die like a killed job
+            raise InterruptedRunError(f"stopped after {steps} steps (epoch {epoch})")
+    return float(np.mean(losses)), steps
+
+
+def validate(run: Run) -> tuple[float, float]:
+    """(AUC, log loss) on the validation split, after recalibrating BatchNorm on training."""
+    bs = run.settings.batch_size
+    recalibrate_batchnorm(run.model, run.train, bs, run.amp)
+    prob = predict(run.model, run.val, bs, run.amp)
+    labels = run.val.labels.numpy()
+    return auc(labels, prob), log_loss(labels, prob)
+
+
+def save_best(run: Run, epoch: int, val_auc: float) -> None:
+    """``best.pt``: the model with what evaluate and explain need to use it."""
+    s = run.settings
+    save_checkpoint(
+        run.out / "best.pt",
+        run.model,
+        s.arch,
+        s.inputs,
+        run.n_classes,
+        epoch,
+        val_auc,
+        settings=asdict(s),
+    )
+
+
+def save_last(run: Run, epoch: int) -> None:
+    """``last.pt``: everything a restarted job needs to continue exactly."""
+    save_atomic(
+        run.out / "last.pt",
         {
-            "model": model.state_dict(),
-            "arch": settings.arch,
-            "channels": list(settings.channels),
-            "hu_window": list(settings.hu_window),
-            "n_classes": n_classes,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "generator": run.generator.get_state(),
+            "rng": _rng_state(),
             "epoch": epoch,
-            "val_auc": val_auc,
-            "settings": json.dumps(asdict(settings)),
+            "best_auc": run.best_auc,
+            "best_loss": run.best_loss,
+            "bad_epochs": run.bad_epochs,
+            "fingerprint": run.fingerprint,
+            "history": json.dumps(run.history),
         },
     )
 
 
-def _atomic_save(path: Path, obj: dict[str, Any]) -> None:
-    from radflow.io import atomic_path
+def end_epoch(run: Run, epoch: int, val_auc: float, val_loss: float) -> None:
+    """Model selection (``best.pt``, early-stopping count), then ``last.pt`` and the history."""
+    if is_better(val_auc, val_loss, run.best_auc, run.best_loss):
+        run.best_auc = -1.0 if math.isnan(val_auc) else val_auc
+        run.best_loss, run.bad_epochs = val_loss, 0
+        save_best(run, epoch, val_auc)
+    else:
+        run.bad_epochs += 1
+    save_last(run, epoch)
+    pd.DataFrame(run.history).to_csv(run.out / "history.csv", index=False)
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
+def train(
+    manifest_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: TrainSettings,
+    root: str | os.PathLike = ".",
+    threads: int = 1,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) and write best.pt, last.pt and history.csv; returns a summary."""
+    torch.set_num_threads(threads)
+    run = setup(manifest_path, out_dir, settings, root)
+    resume(run)
+    writer = None
+    if settings.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
 
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Model and metadata from a radflow ``best.pt``."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    model = build_model(ck["arch"], len(ck["channels"]), ck["n_classes"], "none")
-    model.load_state_dict(ck["model"])
-    return model.eval(), ck
+        writer = SummaryWriter(str(run.out / "tensorboard"))
+    steps = 0
+    for epoch in range(run.start, settings.epochs):
+        if run.bad_epochs >= settings.patience:
+            break
+        t0 = time.perf_counter()
+        loss, steps = train_epoch(run, epoch, steps, max_steps)
+        val_auc, val_loss = validate(run)
+        row = {
+            "epoch": epoch,
+            "loss": loss,
+            "val_loss": val_loss,
+            "val_auc": val_auc,
+            "lr": run.scheduler.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        run.history.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        if writer is not None:
+            for k in ("loss", "val_auc", "lr"):
+                writer.add_scalar(k, row[k], epoch)
+        end_epoch(run, epoch, val_auc, val_loss)
+    if writer is not None:
+        writer.close()
+    if not (run.out / "best.pt").exists():
+        save_best(run, run.start, run.best_auc)
+    pd.DataFrame(run.history).to_csv(run.out / "history.csv", index=False)
+    return {"best_val_auc": run.best_auc, "epochs_run": len(run.history), "device": str(run.device)}
