@@ -128,8 +128,8 @@ def test_largest_segmentation_group_goes_first(tmp_path):
 
 
 def test_model_reuse_bench_runs():
-    """The model-reuse bench stays runnable and prints both modes (its figures are for the
-    bench result files; that a group loads each model once is tested in test_segment by counting loads)."""
+    """The model-reuse bench stays runnable and prints both modes (its figures go to the bench
+    result files; that a group loads each model once is tested in test_segment)."""
     import re
 
     out = subprocess.run(

@@ -42,6 +42,7 @@ from radflow.resampling import resample
 from radflow.settings import section
 
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+MIN_SLICES = 3  # fewest slices a volume can be made of (ingest.selection.min_slices selects)
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
 
 
@@ -63,7 +64,6 @@ class ConvertSettings:
     max_missing_slices: int = 1
     hu_clip: tuple[float, float] | None = (-1024.0, 3071.0)
     fill_hu: float = -1024.0
-    min_slices: int = 3
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ConvertSettings:
@@ -233,10 +233,10 @@ class StackGeometry:
 def stack_geometry(headers: Sequence[pydicom.Dataset], settings: ConvertSettings) -> StackGeometry:
     """Validate (dicom2nifti) and describe the slice stack; refuse what cannot be fixed."""
     try:
-        if len(headers) < settings.min_slices:
+        if len(headers) < MIN_SLICES:
             raise ConversionRefusedError(
                 "TOO_FEW_SLICES",
-                f"{len(headers)} slices < convert.min_slices {settings.min_slices}",
+                f"{len(headers)} slices: a volume needs at least {MIN_SLICES}",
             )
         d2n_common.validate_slicecount(headers)
         d2n_common.validate_orientation(headers)

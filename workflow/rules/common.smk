@@ -48,7 +48,7 @@ def resolve_resource(path):
 # The pseudonym key reaches the jobs through the environment, never a command line or a
 # param: Snakemake records both in .snakemake/, and SLURM prints command lines in its logs.
 # (On a cluster each job re-reads the config, so it sets this again.)
-os.environ["RADFLOW_SALT"] = config["ids"]["salt"]
+os.environ.update(RADFLOW_SALT=config["ids"]["salt"])
 
 
 # ---------------------------------------------------------------- the labels sheet
@@ -59,7 +59,11 @@ def label_spec():
 
 
 def validate_labels():
-    """The labels sheet is checked when the workflow starts: columns, keys, 0/1 labels."""
+    """The labels sheet is checked when the workflow starts: columns, keys, 0/1 labels. (A
+    sheet that does not exist yet is Snakemake's missing input, named when a job needs it.)
+    """
+    if label_spec().path and not os.path.exists(label_spec().path):
+        return
     try:
         read_labels(label_spec())
     except LabelError as exc:

@@ -1,6 +1,4 @@
-def case_filelist(wildcards):
-    inventory()  # the file lists exist once the ingest checkpoint has run
-    return paths.FILE_LIST.format(case=wildcards.case)
+include: "helpers/convert.smk"
 
 
 # The job's output is the sidecar, written last: the volume beside it when the series converts,

@@ -37,7 +37,7 @@ rule evaluate:
     params:
         settings=as_json(config["evaluate"]),
         device=config["train"]["device"],
-        out=paths.EVAL_DIR,
+        out=lambda wc, output: os.path.dirname(output.metrics),
     shell:
         "radflow evaluate {input.checkpoint:q} {input.manifest:q} {params.out:q} --root . "
         "--history {input.history:q} --device {params.device:q} "

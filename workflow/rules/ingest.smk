@@ -1,9 +1,4 @@
-def selection_rules():
-    """ingest.selection plus the convert limits that make a series usable."""
-    rules = dict(config["ingest"]["selection"])
-    rules["max_missing_slices"] = config["convert"]["max_missing_slices"]
-    rules["gantry_tilt"] = config["convert"]["gantry_tilt"]
-    return rules
+include: "helpers/ingest.smk"
 
 
 checkpoint ingest:
@@ -30,8 +25,8 @@ checkpoint ingest:
         # the salt reaches the job through the environment (common.smk); its fingerprint
         # reruns ingest when it changes
         salt=fingerprint(config["ids"]["salt"]),
-        out=os.path.dirname(paths.INVENTORY_CSV),
-        private=paths.PRIVATE,
+        out=lambda wc, output: os.path.dirname(output.csv),
+        private=lambda wc, output: os.path.dirname(output.id_map),
         max_mb=config["ingest"]["max_image_mb"],
     shell:
         "radflow ingest {input.raw:q} {params.out:q} --private-dir {params.private:q} "

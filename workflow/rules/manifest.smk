@@ -1,35 +1,4 @@
-MANIFESTS = [
-    paths.CASES_CSV,
-    paths.CASES_PARQUET,
-    paths.EXCLUDED,
-    paths.DATALIST,
-] + [paths.SPLIT_CSV.format(split=s) for s in paths.SPLITS]
-
-# Config sections that shape the cases a manifest describes (not train/evaluate/explain:
-# changing those must not rerun the manifest and everything after it).
-UPSTREAM = (
-    "raw_dir",
-    "labels",
-    "ids",
-    "ingest",
-    "convert",
-    "segment",
-    "mask",
-    "qc",
-    "manifest",
-)
-
-
-def config_hash():
-    # how the work is spread (threads, segmentation batches) does not change the cases; the
-    # salt is in it only through its fingerprint
-    def what(k, v):
-        if k == "ids":
-            return {"salt": fingerprint(v["salt"])}
-        return without(v, "threads", "batches") if isinstance(v, dict) else v
-
-    text = as_json({k: what(k, config.get(k)) for k in UPSTREAM})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+include: "helpers/manifest.smk"
 
 
 rule manifest:
@@ -60,7 +29,7 @@ rule manifest:
         settings=as_json(config["manifest"]),
         config_hash=config_hash(),
         labels=as_json(config["labels"]),
-        out=paths.MANIFESTS,
+        out=lambda wc, output: os.path.dirname(output.cases_csv),
     shell:
         "radflow manifest {input.inventory:q} {params.out:q} --root . "
         "--settings {params.settings:q} --config-hash {params.config_hash:q} "

@@ -1,25 +1,4 @@
-from radflow.mask import validate_roi_names
-from radflow.segment import known_rois
-
-
-def validate_rois():
-    """mask.rois must be class names of the segmentation task (close matches suggested)."""
-    validate_roi_names(config["mask"]["rois"], known_rois(config["segment"]["task"]))
-
-
-validate_rois()
-
-
-def case_group(wildcards):
-    return paths.SEG_GROUP.format(group=group_of(wildcards.case, BATCHES))
-
-
-def mask_options():
-    """qc.reference: a template filled in the job from the private id map (it may name UIDs)."""
-    ref = config["qc"].get("reference")
-    if not ref:
-        return ""
-    return f"{opt('--reference-template', ref)} {opt('--id-map', paths.ID_MAP_PARQUET)}"
+include: "helpers/mask.smk"
 
 
 rule mask:

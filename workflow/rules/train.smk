@@ -16,7 +16,7 @@ rule train:
         gpu=0 if config["train"]["device"] == "cpu" else 1,
     params:
         settings=as_json(without(config["train"], "threads")),
-        out=paths.TRAIN_DIR,
+        out=lambda wc, output: os.path.dirname(output.best),
     shell:
         # results/train/last.pt is not an output on purpose: a restarted job resumes from it
         "radflow train {input.manifest:q} {params.out:q} --root . "
@@ -43,7 +43,7 @@ rule train_fold:
         settings=lambda wc: as_json(
             {**without(config["train"], "threads"), "fold": int(wc.fold)}
         ),
-        out=paths.CV_DIR,
+        out=lambda wc, output: os.path.dirname(output.best),
     shell:
         "radflow train {input.manifest:q} {params.out:q} --root . "
         "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"

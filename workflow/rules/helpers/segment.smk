@@ -1,0 +1,53 @@
+# Helpers of the segment rules (workflow/rules/segment.smk): input functions, params.
+from radflow.segment import group_of
+
+
+def segment_settings():
+    s = without(config["segment"], "threads", "precomputed", "batches")
+    s["weights_dir"] = resolve_resource(s["weights_dir"])
+    return s
+
+
+def segment_gpus():
+    seg = config["segment"]
+    return 0 if seg["backend"] == "precomputed" or seg["device"] == "cpu" else 1
+
+
+BATCHES = int(config["segment"]["batches"] or 0)
+
+
+@lru_cache(maxsize=4)
+def _groups(path, mtime):
+    """group -> its cases, grouped once per inventory version (not once per group job)."""
+    out = {}
+    for c in sorted(_inventory(path, mtime).index):
+        out.setdefault(group_of(c, BATCHES), []).append(c)
+    return out
+
+
+def groups():
+    path = ingest_output().parquet
+    return _groups(path, os.path.getmtime(path))
+
+
+def group_sidecars(wildcards):
+    return [paths.SIDECAR.format(case=c) for c in groups().get(wildcards.group, [])]
+
+
+def group_priority(wildcards):
+    """Larger groups first (longest-job-first), so the biggest does not set the run's tail."""
+    return len(groups().get(wildcards.group, []))
+
+
+def segment_options():
+    """The precomputed backend's template, filled per case in the job from the private id map
+    (the template may name raw UIDs: never resolved into a path Snakemake records)."""
+    seg = config["segment"]
+    if seg["backend"] != "precomputed":
+        return ""
+    return " ".join(
+        [
+            opt("--precomputed", resolve_resource(seg["precomputed"])),
+            opt("--id-map", paths.ID_MAP_PARQUET),
+        ]
+    )
