@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from radflow import ingest, labels
 from radflow.demo import DemoSettings, make_cohort
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
 SALT = "test-salt-0123456789"
 # 10 subjects give 13 studies: every special series type of the demo appears at least once.
 SMALL = DemoSettings(
@@ -48,3 +52,56 @@ def tree_digest(root: Path) -> dict[str, str]:
             p = Path(dirpath) / name
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def workdir(tmp: Path, cohort: Path, **convert) -> Path:
+    """A project folder whose config runs the small cohort quickly (the tests' demo)."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["raw_dir"] = str(cohort / "raw")
+    cfg["labels"]["path"] = str(cohort / "labels.csv")
+    cfg["ids"]["salt"] = SALT
+    cfg["ingest"]["threads"] = 2
+    # convert.threads as config.yaml has it: test_segmentation_batches_run_side_by_side
+    cfg["convert"].update({"spacing_mm": [4.0, 4.0, 4.0], **convert})
+    cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    cfg["segment"]["device"] = "cpu"
+    cfg["qc"]["reference"] = str(cohort / "ground_truth" / "{StudyInstanceUID}" / "organs.nii.gz")
+    cfg["mask"]["size"] = [32, 32, 32]
+    cfg["train"].update({"epochs": 2, "device": "cpu", "threads": 2})
+    cfg["evaluate"]["bootstrap"] = 100
+    cfg["explain"]["lesion_reference"] = str(
+        cohort / "ground_truth" / "{StudyInstanceUID}" / "lesion.nii.gz"
+    )
+    (tmp / "config").mkdir(parents=True)
+    (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp
+
+
+def snakemake(work: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``snakemake --cores 2`` on the repository's Snakefile in project folder ``work``."""
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run(
+        [
+            f"{BIN}/snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(work),
+            "--cores",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def workflow_run(demo_cohort, tmp_path_factory):
+    """The whole workflow once on the small cohort: (project folder, process, raw digest)."""
+    work = workdir(tmp_path_factory.mktemp("wf"), demo_cohort)
+    before = tree_digest(demo_cohort / "raw")
+    proc = snakemake(work)
+    return work, proc, before

@@ -25,7 +25,7 @@ def _checkpoint(path, channels=("image",)):
 
 
 def _case(tmp_path, ct_shape=(40, 36, 30)):
-    """A converted CT, and a masked crop of it on a coarser grid (as mask.run writes them)."""
+    """A converted CT, and a masked crop of it on a coarser grid (as mask.mask writes them)."""
     rng = np.random.default_rng(0)
     ct_aff = np.diag([2.0, 2.0, 3.0, 1.0])
     ct_aff[:3, 3] = [-40.0, -30.0, -50.0]

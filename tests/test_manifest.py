@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from radflow import manifest
+from radflow import manifest, paths
 
 
 def _subjects(n, start=0, seed=0):
@@ -74,7 +74,7 @@ def _valid_cases():
         "label": 1,
         "split": "train",
         "fold": -1,
-        **manifest.case_paths("case-0123456789ab"),
+        **paths.case_files("case-0123456789ab"),
         "image_nx": 10,
         "image_ny": 10,
         "image_nz": 10,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from radflow import evaluate, inputs, manifest, train
+from radflow import evaluate, inputs, manifest, paths, train
 from radflow.data import CaseDataset
 from radflow.io import save_nifti
 
@@ -27,11 +27,11 @@ def _tiny_cohort(tmp_path, n=12, size=16):
         vol = rng.normal(40, 10, (size,) * 3)
         if label:
             vol[5:9, 6:10, 7:11] -= 80  # a hypodense "lesion"
-        paths = manifest.case_paths(cid)
+        files = paths.case_files(cid)
         for key in ("image", "label_map", "masked", "roi", "qc"):
-            (tmp_path / paths[key]).parent.mkdir(parents=True, exist_ok=True)
-        save_nifti(vol.astype(np.int16), aff, tmp_path / paths["masked"])
-        save_nifti(np.ones((size,) * 3, np.uint8), aff, tmp_path / paths["roi"])
+            (tmp_path / files[key]).parent.mkdir(parents=True, exist_ok=True)
+        save_nifti(vol.astype(np.int16), aff, tmp_path / files["masked"])
+        save_nifti(np.ones((size,) * 3, np.uint8), aff, tmp_path / files["roi"])
         split = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
         rows.append(
             {
@@ -42,7 +42,7 @@ def _tiny_cohort(tmp_path, n=12, size=16):
                 "label": label,
                 "split": split[i],
                 "fold": -1,
-                **paths,
+                **files,
                 "image_nx": size,
                 "image_ny": size,
                 "image_nz": size,

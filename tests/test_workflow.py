@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -19,60 +18,15 @@ import yaml
 
 from radflow.demo.cohort import _folder, plan_cohort
 
-from .conftest import REPO, SALT, SMALL, tree_digest
+from .conftest import SMALL, snakemake, tree_digest, workdir
 
 pytestmark = pytest.mark.slow
 BIN = str(Path(sys.executable).parent)
 
 
-def _workdir(tmp: Path, cohort: Path, **convert) -> Path:
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["raw_dir"] = str(cohort / "raw")
-    cfg["labels"]["path"] = str(cohort / "labels.csv")
-    cfg["ids"]["salt"] = SALT
-    cfg["ingest"]["threads"] = 2
-    # convert.threads as config.yaml has it: test_segmentation_batches_run_side_by_side
-    cfg["convert"].update({"spacing_mm": [4.0, 4.0, 4.0], **convert})
-    cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
-    cfg["segment"]["device"] = "cpu"
-    cfg["qc"]["reference"] = str(cohort / "ground_truth" / "{StudyInstanceUID}" / "organs.nii.gz")
-    cfg["mask"]["size"] = [32, 32, 32]
-    cfg["train"].update({"epochs": 2, "device": "cpu", "threads": 2})
-    cfg["evaluate"]["bootstrap"] = 100
-    cfg["explain"]["lesion_reference"] = str(
-        cohort / "ground_truth" / "{StudyInstanceUID}" / "lesion.nii.gz"
-    )
-    (tmp / "config").mkdir(parents=True)
-    (tmp / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return tmp
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(
-        [
-            f"{BIN}/snakemake",
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(workdir),
-            "--cores",
-            "2",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-
-
 @pytest.fixture(scope="module")
-def run(demo_cohort, tmp_path_factory):
-    work = _workdir(tmp_path_factory.mktemp("wf"), demo_cohort)
-    before = tree_digest(demo_cohort / "raw")
-    proc = snakemake(work)
-    return work, proc, before
+def run(workflow_run):
+    return workflow_run
 
 
 def test_workflow_runs_ingest_and_convert(run):  # and segment and mask
@@ -313,28 +267,40 @@ def test_no_phi_outside_private(run, demo_cohort):
 
 
 def test_failing_case_does_not_stop_the_cohort(demo_cohort, tmp_path):
+    """A series damaged after indexing fails its conversion alone: its record says why, and
+    the manifest lists it as excluded at convert while every other case goes on."""
     raw = tmp_path / "cohort"
     shutil.copytree(demo_cohort, raw)
-    work = _workdir(tmp_path / "wf", raw)
+    work = workdir(tmp_path / "wf", raw)
     first = snakemake(work, "--until", "ingest")
     assert first.returncode == 0, first.stderr[-2000:]
-    lists = sorted((work / "results/private/series").glob("*.txt"))
+    lists = sorted((work / "results/private/series").glob("*.json"))
     victim_case = lists[0].stem
-    victim = Path(lists[0].read_text().split()[5])
+    victim = Path(json.loads(lists[0].read_text())[5])
     with open(victim, "r+b") as fh:  # damaged after indexing, as a copy job might do
         fh.truncate(victim.stat().st_size // 2)
-    proc = snakemake(work, "convert_all")
-    assert proc.returncode != 0
+    proc = snakemake(work, "mask_all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     done = {p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz")}
     assert done == {p.stem for p in lists} - {victim_case}
-    log = (work / f"logs/convert/{victim_case}.log").read_text()
-    assert "refused [TRUNCATED]" in log
-    assert not (work / f"results/nifti/{victim_case}.nii.gz").exists()
+    record = json.loads((work / f"results/nifti/{victim_case}.json").read_text())
+    assert record["status"] == "failed" and record["stage"] == "convert"
+    assert record["reason_code"] in ("TRUNCATED", "UNREADABLE_INSTANCE"), record
+    assert "refused [" in (work / f"logs/convert/{victim_case}.log").read_text()
     assert not list((work / "results/nifti").glob(".*.part"))
+    status = json.loads((work / f"results/masked/{victim_case}.json").read_text())
+    assert status["status"] == "failed" and status["stage"] == "convert"
+    proc = snakemake(work, "manifests/cases.csv")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    excluded = pd.read_csv(work / "manifests/excluded.csv")
+    row = excluded[excluded["id"] == victim_case]
+    assert row["stage"].tolist() == ["convert"], excluded
+    cases = pd.read_csv(work / "manifests/cases.csv")
+    assert victim_case not in set(cases["case_id"]) and len(cases) >= 8
 
 
 def test_unknown_roi_name_stops_the_workflow_at_start(demo_cohort, tmp_path):
-    work = _workdir(tmp_path, demo_cohort)
+    work = workdir(tmp_path, demo_cohort)
     cfg = yaml.safe_load((work / "config" / "config.yaml").read_text())
     cfg["mask"]["rois"] = ["livers"]
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -354,7 +354,7 @@ def reuse_loaded_models() -> None:
     TotalSegmentator builds a fresh ``nnUNetPredictor`` for every image and
     ``initialize_from_trained_model_folder`` then reads every fold's checkpoint from disk, finds
     the trainer class by walking nnU-Net's packages and builds the network again. In a batch
-    process (``radflow segment-batch``) all of that is the same work for every case. The first
+    process (a ``radflow segment`` group job) all of that is the same work for every case. The first
     call per model folder does it and keeps the result; later calls hand the same network,
     plans and weights to ``manual_initialization``, nnU-Net's own entry for an already built
     network (it loads the kept weights into the network before every prediction, so the output

@@ -14,7 +14,7 @@ preprocessing worker and a spawned export pool on every call -- most of a small 
 time. For one image that buys nothing, so the call is routed to nnU-Net's own in-process
 ``predict_from_files_sequential`` (bit-identical output). Torch threads stay within the job's.
 Each model is loaded once per process (``reuse_loaded_models``), not once per image, so a
-batch (``run_batch``) reads its checkpoints and builds its network once.
+group (``segment``) reads its checkpoints and builds its network once.
 """
 
 from __future__ import annotations

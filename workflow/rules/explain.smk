@@ -36,7 +36,9 @@ rule explain:
             without(config["explain"], "threads", "splits", "lesion_reference")
         ),
         splits=config["explain"]["splits"],
-        lesion=opt("--lesion-template", config["explain"].get("lesion_reference")),
+        lesion=lambda wc: opt(
+            "--lesion-template", config["explain"].get("lesion_reference")
+        ),
     shell:
         "radflow explain {input.checkpoint:q} {input.manifest:q} {output:q} "
         "--predictions {input.predictions:q} --metrics {input.metrics:q} "

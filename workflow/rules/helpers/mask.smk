@@ -16,8 +16,11 @@ def case_group(wildcards):
 
 
 def mask_options():
-    """qc.reference: a template filled in the job from the private id map (it may name UIDs)."""
+    """qc.reference: a template filled in the job from the private id map (it may name UIDs).
+    A function (called per job) only when set: a params string would be wildcard-expanded.
+    """
     ref = config["qc"].get("reference")
     if not ref:
         return ""
-    return f"{opt('--reference-template', ref)} {opt('--id-map', paths.ID_MAP_PARQUET)}"
+    text = f"{opt('--reference-template', ref)} {opt('--id-map', paths.ID_MAP_PARQUET)}"
+    return lambda wildcards: text

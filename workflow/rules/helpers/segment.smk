@@ -45,9 +45,12 @@ def segment_options():
     seg = config["segment"]
     if seg["backend"] != "precomputed":
         return ""
-    return " ".join(
+    text = " ".join(
         [
             opt("--precomputed", resolve_resource(seg["precomputed"])),
             opt("--id-map", paths.ID_MAP_PARQUET),
         ]
     )
+    return (
+        lambda wildcards: text
+    )  # a function: a params string would be wildcard-expanded
