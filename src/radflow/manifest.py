@@ -198,6 +198,25 @@ def config_hash(config: Mapping[str, Any] | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def exclusion(status: Mapping[str, Any], has_label: bool) -> dict[str, str] | None:
+    """Why a selected case stays out of the manifest (stage, code, reason), or None.
+
+    The stage where the case failed comes first (convert, segment, mask: its mask record
+    carries an earlier stage's failure), then a missing label, then an unusable ROI.
+    """
+    if status.get("status", "ok") != "ok":
+        return {
+            "stage": status.get("stage", "mask"),
+            "reason_code": status.get("reason_code", ""),
+            "reason": status.get("reason", ""),
+        }
+    if not has_label:
+        return {"stage": "label", "reason_code": "NO_LABEL", "reason": "no label in the sheet"}
+    if not status.get("usable"):
+        return {"stage": "mask", "reason_code": "ROI", "reason": status.get("reason", "")}
+    return None
+
+
 def build(
     inventory: pd.DataFrame,
     root: str | os.PathLike,
@@ -220,29 +239,10 @@ def build(
     rows = []
     for r in inventory[inventory["selected"]].itertuples():
         files = paths.case_files(r.case_id)
-        if not r.has_label:
-            excluded.append(
-                {
-                    "id": r.case_id,
-                    "subject_id": r.subject_id,
-                    "stage": "label",
-                    "reason_code": "NO_LABEL",
-                    "reason": "no label in the labels sheet",
-                }
-            )
-            continue
         status = json.loads((root / paths.for_case(paths.MASK_STATUS, r.case_id)).read_text())
-        if not status.get("usable") or status.get("status", "ok") != "ok":
-            failed = status.get("status", "ok") != "ok"
-            excluded.append(
-                {
-                    "id": r.case_id,
-                    "subject_id": r.subject_id,
-                    "stage": status.get("stage", "mask") if failed else "mask",
-                    "reason_code": status.get("reason_code", "") if failed else "ROI",
-                    "reason": status["reason"],
-                }
-            )
+        reason = exclusion(status, bool(r.has_label))
+        if reason is not None:
+            excluded.append({"id": r.case_id, "subject_id": r.subject_id, **reason})
             continue
         missing = [c for c, f in files.items() if not (root / f).exists()]
         if missing:
