@@ -140,12 +140,18 @@ def test_resume_after_a_kill_is_exact(tmp_path):
         train.train(m, tmp_path / "b", s, root=tmp_path, threads=1, max_steps=steps_per_epoch + 2)
     last = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert last["epoch"] == 0 and last["optimizer"]["state"]
+    # Snakemake removes an interrupted job's outputs before rerunning it; the best epoch so
+    # far must survive that (it may be an epoch before the kill)
+    (tmp_path / "b" / "best.pt").unlink(missing_ok=True)
+    (tmp_path / "b" / "history.csv").unlink(missing_ok=True)
     train.train(m, tmp_path / "b", s, root=tmp_path, threads=1)
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(tmp_path / "a" / name, weights_only=True)
+        b = torch.load(tmp_path / "b" / name, weights_only=True)
+        assert a["epoch"] == b["epoch"], name
+        for k in a["model"]:
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 2
     ha, hb = pd.read_csv(tmp_path / "a/history.csv"), pd.read_csv(tmp_path / "b/history.csv")
     pd.testing.assert_frame_equal(ha.drop(columns="seconds"), hb.drop(columns="seconds"))
 

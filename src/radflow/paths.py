@@ -23,6 +23,9 @@ ID_MAP_PARQUET = f"{PRIVATE}/id_map.parquet"
 REJECTED_FILES_PRIVATE = f"{PRIVATE}/rejected_files.csv"
 FILE_LIST = f"{PRIVATE}/series/{{case}}.json"
 
+# The settings a stage's outputs were made with, by their hash (see workflow/rules/common.smk)
+SETTINGS = f"{RESULTS}/settings/{{stage}}-{{digest}}.json"
+
 # ---------------------------------------------------------------- per case
 NIFTI = f"{RESULTS}/nifti/{{case}}.nii.gz"
 SIDECAR = f"{RESULTS}/nifti/{{case}}.json"

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from torch.nn import functional as F  # noqa: N812 - the usual torch spelling
 
 from radflow import manifest
 from radflow.inputs import CHANNELS, HU_WINDOW, INTENSITY_RULES, Cache, InputSpec
+from radflow.io import atomic_path
 from radflow.model import (
     ARCHITECTURES,
     build_model,
@@ -323,6 +325,7 @@ def resume(run: Run) -> None:
         if ck.get("fingerprint") != run.fingerprint:
             print(f"{last} is from another manifest or settings: starting afresh", file=sys.stderr)
             last.unlink()
+            (run.out / BEST_SO_FAR).unlink(missing_ok=True)
             (run.out / "best.pt").unlink(missing_ok=True)
     if not last.exists():
         return
@@ -385,11 +388,14 @@ def validate(run: Run) -> tuple[float, float]:
     return auc(labels, prob), log_loss(labels, prob)
 
 
-def save_best(run: Run, epoch: int, val_auc: float) -> None:
-    """``best.pt``: the model with what evaluate and explain need to use it."""
+def save_best(run: Run, epoch: int, val_auc: float, name: str = "") -> None:
+    """The best model so far (``best_so_far.pt``), with what evaluate and explain need to use
+    it; ``best.pt`` is that file copied when training ends. (Snakemake removes an interrupted
+    job's outputs before it reruns it: a ``best.pt`` written mid-run would be lost by a kill
+    and the resumed run could not know the earlier best epoch's weights.)"""
     s = run.settings
     save_checkpoint(
-        run.out / "best.pt",
+        run.out / (name or BEST_SO_FAR),
         run.model,
         s.arch,
         s.inputs,
@@ -398,6 +404,9 @@ def save_best(run: Run, epoch: int, val_auc: float) -> None:
         val_auc,
         settings=asdict(s),
     )
+
+
+BEST_SO_FAR = "best_so_far.pt"  # not a rule output, like last.pt: a kill leaves it in place
 
 
 def save_last(run: Run, epoch: int) -> None:
@@ -472,7 +481,10 @@ def train(
         end_epoch(run, epoch, val_auc, val_loss)
     if writer is not None:
         writer.close()
-    if not (run.out / "best.pt").exists():
-        save_best(run, run.start, run.best_auc)
+    if (run.out / BEST_SO_FAR).exists():
+        with atomic_path(run.out / "best.pt") as tmp:
+            shutil.copyfile(run.out / BEST_SO_FAR, tmp)
+    else:  # no epoch to run (resumed after the last one) and no model kept: the current one
+        save_best(run, run.start, run.best_auc, name="best.pt")
     pd.DataFrame(run.history).to_csv(run.out / "history.csv", index=False)
     return {"best_val_auc": run.best_auc, "epochs_run": len(run.history), "device": str(run.device)}

@@ -51,6 +51,29 @@ def resolve_resource(path):
 os.environ.update(RADFLOW_SALT=config["ids"]["salt"])
 
 
+def settings_input(stage, settings):
+    """``results/settings/{stage}-{hash}.json``, written now if new: an input of every job of
+    the stage. A settings change makes a new file, newer than every output made before, so
+    Snakemake reruns them by modification time alone -- also an output whose provenance record
+    a kill lost (Snakemake's params trigger cannot see that one)."""
+    text = as_json(settings)
+    path = paths.SETTINGS.format(stage=stage, digest=fingerprint(text))
+    if not os.path.exists(path):
+        from radflow.io import write_text
+
+        write_text(path, f"{text}\n")
+    return path
+
+
+# A run killed before it could release Snakemake's lock: the next real run on this host
+# releases it when the killed process is provably gone (radflow/runlock.py), so a plain rerun
+# recovers; a live run's lock stands.
+if workflow.is_main_process and not workflow.dryrun:
+    from radflow import runlock
+
+    runlock.take_over()
+
+
 # ---------------------------------------------------------------- the labels sheet
 
 

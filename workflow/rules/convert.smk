@@ -9,6 +9,13 @@ rule convert:
         # inventory is rewritten; the case's file list is what triggers a conversion
         inventory=ancient(paths.INVENTORY_CSV),
         files=case_filelist,
+        settings=settings_input(
+            "convert",
+            {
+                **without(config["convert"], "threads"),
+                "max_image_mb": config["ingest"]["max_image_mb"],
+            },
+        ),
     output:
         sidecar=paths.SIDECAR,
     log:

@@ -3,6 +3,9 @@ rule evaluate:
         checkpoint=paths.CHECKPOINT,
         history=paths.HISTORY,
         manifest=paths.CASES_PARQUET,
+        settings=settings_input(
+            "evaluate", {**config["evaluate"], "device": config["train"]["device"]}
+        ),
     output:
         predictions=paths.PREDICTIONS,
         metrics=paths.METRICS,

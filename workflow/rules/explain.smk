@@ -12,6 +12,7 @@ rule explain:
         predictions=paths.PREDICTIONS,
         metrics=paths.METRICS,
         id_map=paths.ID_MAP_PARQUET,
+        settings=settings_input("explain", without(config["explain"], "threads")),
     output:
         report(
             directory(paths.EXPLAIN_DIR),

@@ -10,6 +10,10 @@ rule manifest:
         labels=label_inputs(),
         # each case's mask record (it carries an earlier stage's failure) and QC picture
         cases=per_case(paths.MASK_STATUS, paths.QC_PNG),
+        settings=settings_input(
+            "manifest",
+            {**config["manifest"], "labels": config["labels"], "hash": config_hash()},
+        ),
     output:
         cases_csv=paths.CASES_CSV,
         cases_parquet=paths.CASES_PARQUET,

@@ -6,6 +6,9 @@ rule mask:
         sidecar=paths.SIDECAR,
         # the case's segmentation group (fixed pattern with a group per case: no function call)
         group=case_group if BATCHES else paths.SEG_GROUP.replace("{group}", "{case}"),
+        settings=settings_input(
+            "mask", {**without(config["mask"], "threads"), "qc": config["qc"]}
+        ),
     output:
         status=paths.MASK_STATUS,
         qc=report(

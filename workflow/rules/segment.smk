@@ -14,6 +14,10 @@ rule segment:
             group_sidecars if BATCHES else paths.SIDECAR.replace("{case}", "{group}")
         ),
         id_map=ancient(paths.ID_MAP_PARQUET),
+        settings=settings_input(
+            "segment",
+            {**segment_settings(), "precomputed": config["segment"]["precomputed"]},
+        ),
     output:
         record=paths.SEG_GROUP,
     log:

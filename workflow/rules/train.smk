@@ -1,6 +1,7 @@
 rule train:
     input:
         manifest=paths.CASES_PARQUET,
+        settings=settings_input("train", without(config["train"], "threads")),
     output:
         best=paths.CHECKPOINT,
         history=paths.HISTORY,
