@@ -283,7 +283,7 @@ job_table "$RUN" >"$WORK/jobs.txt"
 cat "$WORK/jobs.txt"
 njobs=$(wc -l <"$WORK/jobs.txt")
 ncases=$( (ls "$RUN"/results/masked/case-*_roi.nii.gz 2>/dev/null || true) | wc -l)
-nbatches=$( (ls -d "$RUN"/results/seg/batches/*/ 2>/dev/null || true) | wc -l)
+nbatches=$( (ls "$RUN"/results/seg/groups/*.json 2>/dev/null || true) | wc -l)
 log "checks: batched segmentation ($ncases cases, $nbatches batches)"
 check "snakemake exited 0 (rc=$rc after ${wall}s)" test "$rc" = 0
 wall_batched=$wall
@@ -293,15 +293,14 @@ check "final outputs exist" files_exist "$RUN" results/inventory/series.parquet 
     results/explain/index.html results/explain/faithfulness.json
 every_rule_ran_in_slurm() {
     local rule n want
-    (( nbatches >= 2 )) || { echo "  $nbatches segmentation batch folder(s)"; return 1; }
-    for rule in ingest convert segment_batch mask qc_table manifest train evaluate explain; do
+    (( nbatches >= 2 )) || { echo "  $nbatches segmentation group record(s)"; return 1; }
+    for rule in ingest convert segment mask qc_table manifest train evaluate explain; do
         n=$(rule_count $rule "$WORK/jobs.txt")
-        case $rule in convert|mask) want=$ncases ;; segment_batch) want=$nbatches ;; *) want=1 ;; esac
+        case $rule in convert|mask) want=$ncases ;; segment) want=$nbatches ;; *) want=1 ;; esac
         (( n == want )) || { echo "  $rule: $n SLURM jobs, expected $want"; return 1; }
     done
-    # no per-case segment job: mask took each label map out of its batch's folder
-    (( $(rule_count segment "$WORK/jobs.txt") == 0 )) &&
-        files_exist "$RUN" $(cd "$RUN" && ls results/masked/case-*_roi.nii.gz |
+    # one segment job per group; each case's label map written by its group
+    files_exist "$RUN" $(cd "$RUN" && ls results/masked/case-*_roi.nii.gz |
             sed 's,results/masked/\(.*\)_roi.nii.gz,results/seg/\1.nii.gz,')
 }
 check "every rule ran as SLURM jobs ($njobs jobs, $ncases cases, $nbatches batches)" \
@@ -334,7 +333,7 @@ per_case_segment_jobs() {
         n=$(rule_count $rule "$WORK/jobs-per-case.txt")
         (( n == ncases_pc )) || { echo "  $rule: $n SLURM jobs, expected $ncases_pc"; return 1; }
     done
-    (( $(rule_count segment_batch "$WORK/jobs-per-case.txt") == 0 ))
+    true
 }
 check "convert, segment and mask ran once per case as SLURM jobs" per_case_segment_jobs
 check "per-case jobs went to SLURM as job arrays" \
