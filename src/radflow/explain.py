@@ -29,7 +29,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from radflow import geometry, inputs
+from radflow import geometry, inputs, paths
 from radflow.io import read_id_map, save_nifti, write_json
 from radflow.settings import section
 
@@ -558,8 +558,8 @@ def report(
         cases.append(
             viewer_case(
                 info,
-                root / "results" / "masked" / f"{cid}.nii.gz",
-                root / "results" / "masked" / f"{cid}_roi.nii.gz",
+                root / paths.for_case(paths.MASKED, cid),
+                root / paths.for_case(paths.ROI, cid),
                 Path(p).with_name(f"{cid}_cam.nii.gz"),
             )
         )
