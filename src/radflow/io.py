@@ -247,3 +247,14 @@ def _write_fortran(fh: Any, data: np.ndarray, slab_bytes: int = 8 << 20) -> None
     step = max(1, slab_bytes // max(per_slice, 1))
     for k in range(0, data.shape[-1], step):
         fh.write(data[..., k : k + step].tobytes(order="F"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -26,7 +26,7 @@ import pandera.pandas as pa
 
 import radflow
 from radflow import paths
-from radflow.io import read_id_map, write_json, write_table
+from radflow.io import read_id_map, sha256_file, write_json, write_table
 
 SPLITS = paths.SPLITS
 EXCLUDED_COLUMNS = ["id", "subject_id", "stage", "reason_code", "reason"]
@@ -183,11 +183,7 @@ def assign_splits(
 
 def sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def config_hash(config: Mapping[str, Any] | str) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 
 from radflow import paths, status
 from radflow.ids import case_keys_reader, fill_template
-from radflow.io import save_nifti, write_json
+from radflow.io import save_nifti, sha256_file, write_json
 from radflow.nnunet_patches import (
     UntrustedWeightsError,
     bounded_torch_threads,
@@ -357,17 +357,6 @@ def _kept(out: Path, names: Path, digest: str, settings: dict[str, Any]) -> dict
         return None
     same = info.get("input_sha256") == digest and info.get("settings") == settings
     return info if same and info.get("status") == "ok" else None
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def known_rois(task: str) -> Sequence[str]:
