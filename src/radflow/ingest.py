@@ -315,6 +315,21 @@ def summarize_series(
         row = _series_row(study_uid, series_uid, g, good, rules)
         row.update(_size_and_duplicates(g, good, max_image_mb))
         rows.append(row)
+    if not rows:  # no usable DICOM at all: an empty table with its columns, not a crash
+        derived = {
+            "case_id",
+            "subject_id",
+            "study_id",
+            "series_id",
+            "selected",
+            "reason_code",
+            "reason",
+            "label",
+            "has_label",
+            "flags",
+        }
+        cols = [*PHI_COLUMNS, *(c for c in INVENTORY_COLUMNS if c not in derived)]
+        return pd.DataFrame(columns=cols)
     return pd.DataFrame(rows)
 
 
