@@ -36,22 +36,19 @@ from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 from tqdm import tqdm
 
 import radflow
-from radflow import dicomsafe, geometry, ids
+from radflow import dicomsafe, geometry, ids, status
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
 from radflow.settings import section
+from radflow.status import CaseFailedError
 
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 MIN_SLICES = 3  # fewest slices a volume can be made of (ingest.selection.min_slices selects)
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
 
 
-class ConversionRefusedError(RuntimeError):
+class ConversionRefusedError(CaseFailedError, RuntimeError):
     """A series that cannot be converted faithfully; ``code`` is machine-readable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"[{code}] {message}")
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -562,8 +559,6 @@ def convert_case(
     converted gets a failed record as its sidecar (stage, code, reason) instead of an error,
     so the case fails alone and the rest of the cohort goes on. Environment errors (no memory,
     a full disk, I/O) still fail the job, so that a rerun retries them."""
-    from radflow import status
-
     try:
         budget = {} if max_image_mb is None else {"max_image_mb": max_image_mb}
         return convert(
@@ -572,11 +567,8 @@ def convert_case(
     except Exception as exc:  # noqa: BLE001 - any data error is this case's, recorded
         if status.is_environmental(exc):
             raise
-        rec = status.failure("convert", exc)
+        rec = status.failure("convert", exc)  # a refusal's code and reason, else the error's
         rec["reason"] = redact(rec["reason"], source)
-        if isinstance(exc, ConversionRefusedError):
-            rec["reason_code"] = exc.code
-            rec["reason"] = redact(str(exc).split("] ", 1)[-1], source)
         rec["case_id"] = case_id
         rec["series_id"] = series_id
         status.remove_stale(out_path)
@@ -585,15 +577,12 @@ def convert_case(
 
 
 def redact(text: str, source: str | os.PathLike) -> str:
-    """``text`` without the raw paths of a series (they carry names and MRNs): each file of
-    the list and its folders are replaced by ``<instance k>`` / ``<series folder>``."""
+    """``text`` without the raw paths of a series (they carry names and MRNs): its files and
+    their folders, through ``dicomsafe.scrub`` (the one path scrubber)."""
     try:
         files = list_source(source)
     except Exception:  # noqa: BLE001 - nothing to redact with
         files = []
-    for k, f in sorted(enumerate(files), key=lambda t: -len(t[1])):
-        text = text.replace(f, f"<instance {k}>")
-    for folder in sorted({str(Path(f).parent) for f in files}, key=len, reverse=True):
-        if len(folder) > 1:
-            text = text.replace(folder, "<series folder>")
-    return text
+    folders = {str(Path(f).parent) for f in files}
+    # longest first, so a folder is not replaced inside a file's path before the file is
+    return dicomsafe.scrub(text, *sorted([*files, *folders], key=len, reverse=True))

@@ -30,7 +30,8 @@ import nibabel as nib
 import numpy as np
 
 from radflow import geometry, inputs, paths
-from radflow.io import read_id_map, save_nifti, write_json
+from radflow.ids import case_keys_reader, fill_template
+from radflow.io import save_nifti, write_json
 from radflow.settings import section
 
 METHODS = ("gradcam", "gradcam++")
@@ -304,11 +305,11 @@ def explain(
     root = Path(root)
     cases = manifest.read(manifest_path)
     cases = cases[cases["split"].isin(list(splits))].sort_values("case_id")
-    ids = None
+    keys = None
     if lesion_template:
         if id_map is None:
             raise ValueError("explain.lesion_reference needs the private id map (--id-map)")
-        ids = read_id_map(id_map).set_index("case_id", drop=False)
+        keys = case_keys_reader(id_map)
     preds = read_predictions(predictions, metrics)
     models = load_models(checkpoint, settings)
     out = Path(out_dir)
@@ -316,9 +317,12 @@ def explain(
     jsons = []
     for r in tqdm(list(cases.itertuples()), desc="explain", file=sys.stderr, mininterval=5):
         lesion = None
-        if ids is not None and r.case_id in ids.index:
-            path = root / lesion_template.format(**ids.loc[r.case_id].to_dict())
-            lesion = path if path.exists() else None
+        if keys is not None:
+            try:
+                path = root / fill_template(lesion_template, keys(r.case_id))
+            except KeyError:  # a case the id map does not know: no faithfulness numbers
+                path = None
+            lesion = path if path is not None and path.exists() else None
         explain_case(
             models,
             root / r.masked,

@@ -80,15 +80,9 @@ def case_keys_reader(id_map: str | os.PathLike | None):  # noqa: ANN201 - a clos
 
 
 def _read_keys(id_map: str | os.PathLike) -> dict[str, dict[str, str]]:
-    path = str(id_map)
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+    from radflow.io import read_id_map  # raw values: the Parquet, not the neutralised CSV
 
-        cols = pq.read_table(path, columns=list(KEY_COLUMNS)).to_pylist()
-        rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in cols]
-    else:  # the CSV for people: values there may be neutralised against formula injection
-        with open(path, newline="") as fh:
-            rows = [{k: r.get(k, "") or "" for k in KEY_COLUMNS} for r in csv.DictReader(fh)]
+    rows = read_id_map(id_map)[list(KEY_COLUMNS)].to_dict("records")
     return {r["case_id"]: r for r in rows if r["case_id"]}
 
 

@@ -32,14 +32,13 @@ rule mask:
         settings=as_json(without(config["mask"], "threads")),
         image=paths.NIFTI,
         seg=paths.SEG,
-        seg_record=paths.SEG_NAMES,
         masked=paths.MASKED,
         roi=paths.ROI,
         options=mask_options(),
     shell:
         "radflow mask {params.image:q} {params.seg:q} {params.masked:q} "
         "--roi-out {params.roi:q} --status {output.status:q} --qc {output.qc:q} "
-        "--seg-qc {output.seg_qc:q} --upstream {input.sidecar:q} {params.seg_record:q} "
+        "--seg-qc {output.seg_qc:q} --upstream {input.sidecar:q} "
         "--settings {params.settings:q} --case-id {wildcards.case:q} {params.options} "
         "--threads {threads} > {log:q} 2>&1"
 
