@@ -20,8 +20,8 @@ def nifti_image(data: np.ndarray, affine: np.ndarray, kind: str) -> nib.Nifti1Im
     """The page's NIfTI of one volume.
 
     ``ct``: HU as int16 (clipped to its range); ``cam``: values in [0, 1] stored as uint8 with
-    the slope nibabel chooses (about 1/255); ``label``: a 0/1 uint8 mask with the NIfTI label intent (NiiVue draws it as an
-    outline).
+    the slope nibabel chooses (about 1/255); ``label``: a 0/1 uint8 mask with the NIfTI label
+    intent (NiiVue draws it as an outline).
     """
     if kind == "ct":
         vox = np.clip(np.rint(data), -32768, 32767).astype(np.int16)

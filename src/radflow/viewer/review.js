@@ -21,6 +21,8 @@ const api = {
   renderCount: 0,
   state: state,
   nv: null,
+  // ms since navigation: this script started (NiiVue parsed), WebGL ready, first case drawn
+  timings: {script: performance.now(), webgl: null, first: null},
   select: (caseId) => select(CASES.findIndex((c) => c.id === caseId)),
 };
 window.radflowViewer = api;
@@ -186,6 +188,7 @@ async function startNiivue() {
   nv.setAtlasOutline(1);
   nv.onLocationChange = (loc) => locationChanged(loc);
   api.nv = nv;
+  api.timings.webgl = performance.now();
 }
 async function layersOf(i, d) {
   const c = CASES[i];
@@ -382,7 +385,7 @@ if (!CASES.length) {
     if (j >= 0) first = j;
   }
   startNiivue().then(() => select(first)).then(
-    () => readyResolve(true),
+    () => { api.timings.first = performance.now(); readyResolve(true); },
     (err) => { console.error(err); $("message").textContent = String(err.message || err);
       readyResolve(false); });
 }
