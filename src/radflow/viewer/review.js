@@ -21,8 +21,9 @@ const api = {
   renderCount: 0,
   state: state,
   nv: null,
-  // ms since navigation: this script started (NiiVue parsed), WebGL ready, first case drawn
-  timings: {script: performance.now(), webgl: null, first: null},
+  // ms since navigation: this script started (NiiVue parsed), WebGL ready, first case drawn,
+  // and the case list drawn (the page usable)
+  timings: {script: performance.now(), list: null, webgl: null, first: null},
   select: (caseId) => select(CASES.findIndex((c) => c.id === caseId)),
 };
 window.radflowViewer = api;
@@ -216,18 +217,14 @@ function wantedVolumes() {
   if ($("toggle-lesion").checked && L.lesion) out.push(L.lesion);
   return out;
 }
+// Set NiiVue's volume list at once (NiiVue's addVolume / removeVolume upload all volumes again
+// on each call: four times per case switch).
 function syncVolumes() {
   if (!state.layers) return;
   const want = wantedVolumes();
-  const have = nv.volumes.slice();
-  if (have.length === want.length && have.every((v, k) => v === want[k])) return;
-  if (have[0] !== want[0]) {
-    for (const v of have) nv.removeVolume(v);
-    for (const v of want) nv.addVolume(v);
-  } else {
-    for (const v of have) if (!want.includes(v)) nv.removeVolume(v);
-    for (const v of want) if (!nv.volumes.includes(v)) nv.addVolume(v);
-  }
+  nv.volumes = want;
+  nv.back = want[0];
+  nv.overlays = want.slice(1);
 }
 function redraw() {
   if (!state.layers) return;
@@ -371,6 +368,7 @@ buildMeta();
 buildTriage();
 buildList();
 applyFilter();
+api.timings.list = performance.now();
 if (!CASES.length) {
   $("message").textContent = "No cases to show.";
   readyResolve(true);
@@ -384,7 +382,9 @@ if (!CASES.length) {
     const j = CASES.findIndex((c) => c.id === decodeURIComponent(m[1]));
     if (j >= 0) first = j;
   }
-  startNiivue().then(() => select(first)).then(
+  // The case list is drawn first; WebGL (shader compilation) starts after that paint.
+  const start = () => startNiivue().then(() => select(first));
+  new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))).then(start).then(
     () => { api.timings.first = performance.now(); readyResolve(true); },
     (err) => { console.error(err); $("message").textContent = String(err.message || err);
       readyResolve(false); });
