@@ -438,3 +438,30 @@ def test_browser_missing_case_data_is_reported_on_the_page(browser, tmp_path):
     page.close()
     # the failed file load is the only error
     assert errors and all("case-0001.js" in e or "ERR_FILE_NOT_FOUND" in e for e in errors), errors
+
+
+def test_browser_views_are_radiological_and_click_cross_references(viewer):
+    """Clicking near a corner of each view lands on the voxel of that corner in radiological
+    convention: patient's right on screen left, anterior / superior up (sagittal: anterior
+    left)."""
+    page, _errors, _urls = viewer
+    tiles = page.evaluate(
+        "window.radflowViewer.nv.screenSlices.map(s => [s.axCorSag, ...s.leftTopWidthHeight])"
+    )
+    dpr = page.evaluate("window.devicePixelRatio")
+    box = page.locator("#gl").bounding_box()
+    # view -> (its tile code, RAS axis along screen x, along screen y, high end of x at left?)
+    views = {"axial": (0, 0, 1, True), "coronal": (1, 0, 2, True), "sagittal": (2, 1, 2, True)}
+    for name, (code, h_axis, v_axis, high_left) in views.items():
+        left, top, width, height = next(t[1:] for t in tiles if t[0] == code)
+        x = box["x"] + (left + 0.12 * width) / dpr  # near the left edge
+        y = box["y"] + (top + 0.12 * height) / dpr  # near the top edge
+        page.mouse.click(x, y)
+        page.wait_for_timeout(100)
+        vox = page.evaluate("window.radflowViewer.state.vox")
+        h_frac = vox[h_axis] / (SHAPE[h_axis] - 1)
+        v_frac = vox[v_axis] / (SHAPE[v_axis] - 1)
+        assert (h_frac > 0.75) if high_left else (h_frac < 0.25), (name, vox)
+        assert v_frac > 0.75, (name, vox)  # anterior (axial) / superior (others) is up
+        slider = {0: "sagittal", 1: "coronal", 2: "axial"}
+        assert page.locator(f"#slider-{slider[h_axis]}").input_value() == str(vox[h_axis])

@@ -172,7 +172,8 @@ function camOpacity() { return $("opacity").value / 100; }
 async function startNiivue() {
   nv = new NV.Niivue({
     backColor: [0, 0, 0, 1],
-    isRadiologicalConvention: true,
+    isRadiologicalConvention: true,  // patient's right on screen left
+    sagittalNoseLeft: true,  // anterior on screen left, as the PNGs and most PACS
     multiplanarShowRender: NV.SHOW_RENDER.NEVER,
     multiplanarLayout: NV.MULTIPLANAR_TYPE.ROW,
     crosshairColor: [1, 0.84, 0.04, 0.8],
