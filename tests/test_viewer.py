@@ -295,6 +295,12 @@ def browser():
                 args=CHROMIUM_ARGS,
                 viewport={"width": 1400, "height": 900},
             )
+            probe = ctx.new_page()
+            webgl2 = probe.evaluate("!!document.createElement('canvas').getContext('webgl2')")
+            probe.close()
+            if not webgl2:
+                ctx.close()
+                _unavailable(f"{exe} has no WebGL2 even through SwiftShader: NiiVue needs it")
             yield ctx
             ctx.close()
     finally:
