@@ -27,9 +27,13 @@ SECTIONS = {
     explain.ExplainSettings: (("explain",), ("threads", "splits", "lesion_reference")),
     labels.LabelSpec: (("labels",), ()),
 }
-# SelectionRules also holds the two convert limits that make a series usable
+# SelectionRules also holds the convert limits that make a series usable
 BORROWED = {
-    ingest.SelectionRules: {"max_missing_slices": ("convert",), "gantry_tilt": ("convert",)}
+    ingest.SelectionRules: {
+        "max_missing_slices": ("convert",),
+        "gantry_tilt": ("convert",),
+        "irregular_spacing": ("convert",),
+    }
 }
 
 
