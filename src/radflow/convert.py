@@ -36,7 +36,7 @@ from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 from tqdm import tqdm
 
 import radflow
-from radflow import dicomsafe, geometry, ids, multiframe, status
+from radflow import codecs, dicomsafe, geometry, ids, multiframe, status
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
 from radflow.settings import section
@@ -45,6 +45,7 @@ from radflow.status import CaseFailedError
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 MIN_SLICES = 3  # fewest slices a volume can be made of (ingest.selection.min_slices selects)
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
+codecs.register()  # imagecodecs joins pydicom's JPEG decoders (12-bit extended, lossless)
 
 
 class ConversionRefusedError(CaseFailedError, RuntimeError):
