@@ -489,3 +489,25 @@ def test_ingest_counts_frames_as_slices(tmp_path):
         ingest.summarize_series(ingest.scan(mf.parent), rules), rules
     ).iloc[0]
     assert series["reason_code"] == "MULTIFRAME_4D" and "temporal" in series["reason"]
+
+
+def test_ingest_judges_irregular_spacing_as_convert_does(tmp_path):
+    """Ingest selects what convert resamples and excludes what convert refuses, same reason."""
+    from radflow import ingest
+
+    offsets = np.array(IRREGULAR_OFFSETS)
+    offsets[12:] += 7.0
+    write_spec(tmp_path, "ok", IRREGULAR)
+    write_spec(tmp_path, "hole", replace(IRREGULAR, offsets_mm=tuple(offsets), number=3))
+    for name, rules, code in [
+        ("ok", {}, "SELECTED"),
+        ("ok", {"irregular_spacing": "refuse"}, "IRREGULAR_SPACING"),
+        ("hole", {}, "SLICE_GAP"),
+        ("hole", {"max_missing_slices": 5}, "SELECTED"),
+    ]:
+        r = ingest.SelectionRules.from_dict(rules)
+        row = ingest.select_series(
+            ingest.summarize_series(ingest.scan(tmp_path / name), r), r
+        ).iloc[0]
+        assert row["irregular_spacing"], name
+        assert row["reason_code"] == code, (name, rules, row["reason"])
