@@ -353,8 +353,9 @@ def test_blank_uids_group_into_flagged_series_never_rejected_file_by_file(tmp_pa
     bone = pub[pub["kernel"] == "B70f"].iloc[0]
     assert bone["reason_code"] == "NOT_PREFERRED"
     assert "kernel class soft (Siemens B30f) preferred over bone (Siemens B70f)" in bone["reason"]
-    # the synthetic keys are stable: a second run (elsewhere, same salt) names the same case
-    again, _ = _run_ingest(raw, tmp_path / "b")
+    # the synthetic keys are stable: a rerun on the tree moved elsewhere names the same case
+    shutil.copytree(raw, tmp_path / "moved" / "raw")
+    again, _ = _run_ingest(tmp_path / "moved" / "raw", tmp_path / "b")
     assert sorted(again["case_id"]) == sorted(pub["case_id"])
     assert sorted(again["series_id"]) == sorted(pub["series_id"])
     listed = json.loads((tmp_path / "a" / "priv" / "series" / f"{sel['case_id']}.json").read_text())
@@ -487,3 +488,14 @@ def test_old_preferred_kernel_regex_is_refused_with_its_replacement():
         ingest.SelectionRules.from_dict({"preferred_kernel": "^b30f$"})
     with pytest.raises(ValueError, match="unknown preferred_kernel_classes"):
         ingest.SelectionRules.from_dict({"preferred_kernel_classes": ["smooth"]})
+
+
+def test_a_tree_of_only_non_image_objects_gives_an_empty_inventory(tmp_path):
+    raw = tmp_path / "raw"
+    for i, (uid, modality, _) in enumerate(NON_IMAGE):
+        _non_image(raw / f"obj{i}.dcm", uid, modality)
+    (raw / "notes.txt").write_text("not dicom")
+    pub, rej = _run_ingest(raw, tmp_path)
+    assert len(pub) == 0 and list(pub.columns) == ingest.INVENTORY_COLUMNS
+    assert len(rej) == len(NON_IMAGE) + 1
+    assert rej["error"].str.startswith("NON_IMAGE_OBJECT").sum() == len(NON_IMAGE)
