@@ -151,7 +151,8 @@ def read_headers(
 ) -> list[pydicom.Dataset]:
     """Headers (no pixels) of the files of one series, each checked against the budget.
 
-    Non-DICOM files are skipped when ``skip_non_dicom`` (a folder's notes); otherwise (a file
+    Non-DICOM files and non-image objects (a DICOMDIR, reports) are skipped when
+    ``skip_non_dicom`` (a folder, as a DICOM CD holds it); otherwise (a file
     list: ingest lists only image instances) every file must be a readable image instance. A
     file that cannot be read refuses the series (UNREADABLE_INSTANCE), never silently dropped and
     interpolated over. Errors name instances by their index in the list, never by path.
@@ -167,6 +168,8 @@ def read_headers(
         except Exception as exc:  # noqa: BLE001 - refused with a path-free reason
             raise _unreadable(i, len(files), exc, f) from None
         ds = head.ds
+        if skip_non_dicom and dicomsafe.non_image_reason(ds, head.has_pixels):
+            continue  # a folder's DICOMDIR, structured reports, presentation states...
         if not skip_non_dicom and not all(k in ds for k in _INSTANCE_KEYS):
             missing = [k for k in _INSTANCE_KEYS if k not in ds]
             raise ConversionRefusedError(
