@@ -14,6 +14,7 @@ rule convert:
             {
                 **without(config["convert"], "threads"),
                 "max_image_mb": config["ingest"]["max_image_mb"],
+                "input": INPUT.stage_settings(),
             },
         ),
     output:
@@ -31,9 +32,10 @@ rule convert:
         settings=as_json(without(config["convert"], "threads")),
         nifti=paths.NIFTI,
         max_mb=config["ingest"]["max_image_mb"],
+        input=as_json(INPUT.stage_settings()),
     shell:
         "radflow convert {input.files:q} {params.nifti:q} --sidecar {output.sidecar:q} "
-        "--settings {params.settings:q} --case-id {wildcards.case:q} "
+        "--settings {params.settings:q} --input {params.input:q} --case-id {wildcards.case:q} "
         "--inventory {input.inventory:q} --max-image-mb {params.max_mb:q} --record-failure "
         "--threads {threads} > {log:q} 2>&1"
 
