@@ -24,6 +24,7 @@ from .conftest import REPO, SALT, snakemake, tree_digest, workdir
 SECRET = "DOE^JANE_MRN4711"  # an identifier a NIfTI text field may carry
 LPS = np.array([[-1.5, 0, 0, 30.0], [0, -1.5, 0, 20.0], [0, 0, 2.5, -10.0], [0, 0, 0, 1]])
 LIVER = 5  # TotalSegmentator "total": liver
+SHEAR = np.array([[1, 0.3, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
 
 
 def _oblique(deg: float = 25.0) -> np.ndarray:
@@ -113,9 +114,7 @@ def test_input_spec_dispatches_on_format_and_path(tmp_path):
         (lambda: nib.Nifti1Image(np.zeros((8, 8, 1), np.int16), np.eye(4)), "NIFTI_2D"),
         (lambda: nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.int16), np.eye(4)), "NIFTI_4D"),
         (lambda: nib.Nifti1Image(np.zeros((8, 8, 8, 2, 2), np.int16), np.eye(4)), "NIFTI_5D"),
-        (lambda: nib.Nifti1Image(np.zeros((8, 8, 8), np.int16),
-                                 np.array([[1, 0.3, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])),
-         "NIFTI_SHEAR"),
+        (lambda: nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), SHEAR), "NIFTI_SHEAR"),
         (lambda: nib.Nifti1Image(np.zeros((8, 8, 8), np.complex64), np.eye(4)), "NIFTI_DTYPE"),
     ],
 )  # fmt: skip
