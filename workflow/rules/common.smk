@@ -79,7 +79,8 @@ if workflow.is_main_process and not workflow.dryrun:
 
 def input_spec():
     """(spec, location) of the cohort's input: a DICOM tree or a NIfTI sheet (radflow.source);
-    a NIfTI sheet is checked now (radflow.sheet), so a broken one stops the run at start."""
+    a NIfTI sheet is checked now (radflow.sheet), so a broken one stops the run at start.
+    """
     from radflow.source import from_config
 
     try:
