@@ -358,3 +358,18 @@ def test_workflow_nifti_cohort_through_manifest(tmp_path):
                 raw = gzip.decompress(raw)
             text = raw.decode("latin1")
             assert SECRET[:12] not in text and str(tmp_path / "cohort") not in text, f
+
+
+@pytest.mark.slow
+def test_workflow_stops_at_start_on_a_broken_sheet(tmp_path):
+    """A structural problem of the sheet is named before any job runs (dry run)."""
+    sheet = make_cohort(tmp_path / "cohort", n_good=1)
+    sheet.write_text(sheet.read_text().replace(",train,", ",training,"))
+    work = workdir(tmp_path / "work", tmp_path / "no-dicom")
+    cfg = yaml.safe_load((work / "config/config.yaml").read_text())
+    cfg["input"] = {"format": "nifti", "sheet": str(sheet)}
+    cfg["labels"]["path"] = None
+    (work / "config/config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(work, "-n")
+    assert proc.returncode != 0
+    assert "split value(s) ['training'] on line(s) 2" in proc.stderr + proc.stdout
