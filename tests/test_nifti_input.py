@@ -373,3 +373,10 @@ def test_workflow_stops_at_start_on_a_broken_sheet(tmp_path):
     proc = snakemake(work, "-n")
     assert proc.returncode != 0
     assert "split value(s) ['training'] on line(s) 2" in proc.stderr + proc.stdout
+
+
+def test_check_image_refuses_a_volume_over_the_budget():
+    img = nib.Nifti1Image(np.zeros((64, 64, 64), np.float32), LPS)  # 1 MiB as read
+    assert nifti_input.check_image(img, max_image_mb=2).shape == (64, 64, 64)
+    with pytest.raises(nifti_input.VolumeRefusedError, match="claims 1 MB of volume data"):
+        nifti_input.check_image(img, max_image_mb=0.5)

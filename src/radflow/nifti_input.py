@@ -149,11 +149,12 @@ def check_image(
         q = np.asarray(hdr.get_qform(), dtype=float)
         if not np.allclose(q, affine, atol=1e-3):
             flags.append("qform_sform_differ")  # nibabel (and radflow) use the sform
-    over = dicomsafe.too_large(
-        2 * int(np.prod(spatial)) * (2 if dtype.itemsize > 2 else 1), max_image_mb, "volume"
-    )
+    # the chosen volume as read (scaled data comes as float: at least 4 bytes a voxel)
+    scaled = hdr.get_slope_inter() != (None, None) and hdr.get_slope_inter() != (1.0, 0.0)
+    itemsize = max(dtype.itemsize, 4 if scaled else 2)
+    over = dicomsafe.too_large(int(np.prod(spatial)) * itemsize, max_image_mb, "volume data")
     if over:
-        raise VolumeRefusedError("TOO_LARGE", f"the {over}; refused before reading")
+        raise VolumeRefusedError("TOO_LARGE", f"the volume {over}; refused before reading")
     zooms = tuple(float(v) for v in np.linalg.norm(m, axis=0))
     return VolumeInfo(spatial, zooms, affine, picked, tuple(flags))
 

@@ -14,7 +14,8 @@ rule convert:
             {
                 **without(config["convert"], "threads"),
                 "max_image_mb": config["ingest"]["max_image_mb"],
-                "input": INPUT.stage_settings(),
+                # NIfTI input only: a DICOM cohort's conversions keep their settings file
+                **({"input": INPUT.stage_settings()} if INPUT.format == "nifti" else {}),
             },
         ),
     output:
