@@ -15,7 +15,11 @@ rule convert:
                 **without(config["convert"], "threads"),
                 "max_image_mb": config["ingest"]["max_image_mb"],
                 # NIfTI input only: a DICOM cohort's conversions keep their settings file
-                **({"input": INPUT.stage_settings()} if INPUT.format == "nifti" else {}),
+                **(
+                    {"input": INPUT.stage_settings()}
+                    if INPUT.format == "nifti"
+                    else {}
+                ),
             },
         ),
     output:
