@@ -9,19 +9,7 @@ rule convert:
         # inventory is rewritten; the case's file list is what triggers a conversion
         inventory=ancient(paths.INVENTORY_CSV),
         files=case_filelist,
-        settings=settings_input(
-            "convert",
-            {
-                **without(config["convert"], "threads"),
-                "max_image_mb": config["ingest"]["max_image_mb"],
-                # NIfTI input only: a DICOM cohort's conversions keep their settings file
-                **(
-                    {"input": INPUT.stage_settings()}
-                    if INPUT.format == "nifti"
-                    else {}
-                ),
-            },
-        ),
+        settings=settings_input("convert", convert_settings_record()),
     output:
         sidecar=paths.SIDECAR,
     log:
