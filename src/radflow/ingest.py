@@ -28,6 +28,7 @@ from radflow.dicomsafe import error_text
 from radflow.io import write_table, write_text
 from radflow.labels import LabelSpec, join_labels, read_labels
 from radflow.settings import section
+from radflow.source import InputSpec
 
 PHI_COLUMNS = (
     "PatientID",
@@ -708,6 +709,8 @@ def flags(row: pd.Series) -> str:
         f.append("uid_fallback")  # grouped by fallback keys: a UID was blank or missing
     if "PatientID" in row and _blank(row["PatientID"]):
         f.append("patient_id_fallback")  # subject_id derived from the study
+    if row.get("source_flags"):  # NIfTI input: e.g. one volume of a 4-D file
+        f.extend(str(row["source_flags"]).split(";"))
     if row.get("duplicate_copies"):
         f.append("duplicate_files_ignored")  # byte-identical copies of an instance, kept once
     if "1.2.840.10008.1.2.5" in str(row.get("transfer_syntax", "")):
@@ -744,13 +747,18 @@ def add_pseudonyms(series: pd.DataFrame, salt: str) -> pd.DataFrame:
     return out
 
 
+PRIVATE_PATHS = ("image", "mask")  # NIfTI input: the sheet's resolved files (raw paths)
+
+
 def split_private(series: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a pseudonymised frame into (public inventory, private id map)."""
     cols = ["subject_id", "study_id", "series_id", "case_id", *PHI_COLUMNS]
-    cols += [c for c in ("study_key", "series_key") if c in series.columns]
-    id_map = series[cols].copy()
+    cols += [c for c in ("study_key", "series_key", *PRIVATE_PATHS) if c in series.columns]
+    id_map = series[cols]
+    if "split" not in series.columns:  # DICOM: no split is given
+        series = series.assign(split="")
     public = series[INVENTORY_COLUMNS].copy()
-    return public, id_map
+    return public, id_map.copy()
 
 
 INVENTORY_COLUMNS = [
@@ -763,6 +771,7 @@ INVENTORY_COLUMNS = [
     "reason",
     "label",
     "has_label",
+    "split",
     "flags",
     "series_number",
     "modality",
@@ -811,24 +820,71 @@ def ingest(
     salt: str,
     threads: int = 1,
     max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
+    source: InputSpec | None = None,
 ) -> pd.DataFrame:
-    """Index ``raw_dir`` and write the inventory, rejected files, id map and per-case file lists.
+    """Index the input and write the inventory, rejected files, id map and per-case file lists.
 
+    ``source`` (config ``input``) says what ``raw_dir`` is: a raw DICOM tree (the default) or,
+    for format nifti, the cohort sheet (``radflow.sheet``); both give the same outputs.
     ``max_image_mb`` bounds what one file's header, and one series' int16 volume, may claim:
     over it a file is rejected and its series excluded (TOO_LARGE) before any pixel is read.
     """
     out_dir, private_dir = Path(out_dir), Path(private_dir)
+    source = source or InputSpec()
+    if source.format == "nifti":
+        files, series = _index_sheet(raw_dir, source, labels, max_image_mb)
+        root = Path(raw_dir).resolve().parent
+    else:
+        files, series = _index_dicom(raw_dir, rules, labels, threads, max_image_mb)
+        root = Path(raw_dir)
+    return _write_outputs(files, series, salt, root, out_dir, private_dir)
+
+
+def _index_dicom(
+    raw_dir: str | os.PathLike,
+    rules: SelectionRules,
+    labels: LabelSpec,
+    threads: int,
+    max_image_mb: float,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(files, series) of a raw DICOM tree: headers read, series selected, labels joined."""
     files = assign_keys(scan(raw_dir, threads=threads, max_image_mb=max_image_mb), raw_dir)
     files = mark_duplicates(files)
     series = summarize_series(files, rules, max_image_mb)
     series = select_series(series, rules)
-    series = join_labels(series, read_labels(labels), labels)
+    return files, join_labels(series, read_labels(labels), labels)
+
+
+def _index_sheet(
+    sheet_path: str | os.PathLike, spec: InputSpec, labels: LabelSpec, max_image_mb: float
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(files, series) of a NIfTI cohort sheet. Its label column gives the labels when
+    ``labels.path`` is null; a labels sheet, when set, replaces them at the manifest."""
+    from radflow import nifti_input
+    from radflow.sheet import read_sheet
+
+    files, series = nifti_input.index_sheet(read_sheet(sheet_path, labels), spec, max_image_mb)
+    if labels.path:
+        series = join_labels(series, read_labels(labels), labels)
+    return files, series
+
+
+def _write_outputs(
+    files: pd.DataFrame,
+    series: pd.DataFrame,
+    salt: str,
+    root: str | os.PathLike,
+    out_dir: Path,
+    private_dir: Path,
+) -> pd.DataFrame:
+    """Pseudonyms, then the inventory, rejected files, id map and file lists (both formats)."""
+    series = series.copy()
     series["flags"] = [flags(r) for _, r in series.iterrows()]
     series = add_pseudonyms(series, salt)
     public, id_map = split_private(series)
     public = public.sort_values(["subject_id", "study_id", "series_number"], kind="stable")
     write_table(public, out_dir / "series.csv", str(out_dir / "series.parquet"))
-    _write_rejected(files, series, salt, raw_dir, out_dir, private_dir)
+    _write_rejected(files, series, salt, root, out_dir, private_dir)
     write_table(
         id_map.sort_values(["subject_id", "study_id", "series_id"]),
         private_dir / _in_private(paths.ID_MAP),
