@@ -40,6 +40,7 @@ from radflow import codecs, dicomsafe, geometry, ids, multiframe, status
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
 from radflow.settings import section
+from radflow.source import InputSpec
 from radflow.status import CaseFailedError
 
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
@@ -155,7 +156,8 @@ def read_headers(
 ) -> list[pydicom.Dataset]:
     """Headers (no pixels) of the files of one series, each checked against the budget.
 
-    Non-DICOM files are skipped when ``skip_non_dicom`` (a folder's notes); otherwise (a file
+    Non-DICOM files and non-image objects (a DICOMDIR, reports) are skipped when
+    ``skip_non_dicom`` (a folder, as a DICOM CD holds it); otherwise (a file
     list: ingest lists only image instances) every file must be a readable image instance. A
     file that cannot be read refuses the series (UNREADABLE_INSTANCE), never silently dropped and
     interpolated over. Errors name instances by their index in the list, never by path.
@@ -171,6 +173,8 @@ def read_headers(
         except Exception as exc:  # noqa: BLE001 - refused with a path-free reason
             raise _unreadable(i, len(files), exc, f) from None
         ds = head.ds
+        if skip_non_dicom and dicomsafe.non_image_reason(ds, head.has_pixels):
+            continue  # a folder's DICOMDIR, structured reports, presentation states...
         over = dicomsafe.claim_error(ds, max_image_mb) if "Rows" in ds else ""
         if over:
             raise ConversionRefusedError(
@@ -559,13 +563,67 @@ def convert(
     series_uid: str | None = None,
     threads: int = 1,
     max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
+    input_spec: InputSpec | None = None,
 ) -> dict[str, Any]:
     """Convert one series to ``out_path`` (+ JSON sidecar); returns the sidecar content.
 
-    ``max_image_mb`` (config ``ingest.max_image_mb``) bounds what a header may claim: a file or
-    volume over it is refused (TOO_LARGE) before anything is allocated or decoded. Errors name
-    instances by their index in the file list, never by their (private) path.
+    ``input_spec`` (config ``input``) of format nifti: ``source`` is one NIfTI volume (or a
+    file list naming it) and ``radflow.nifti_input`` converts it. ``max_image_mb`` (config
+    ``ingest.max_image_mb``) bounds what a header may claim: a file or volume over it is
+    refused (TOO_LARGE) before anything is allocated or decoded. Errors name instances by
+    their index in the file list, never by their (private) path.
     """
+    if input_spec is not None and input_spec.format == "nifti":
+        sidecar = sidecar_path or _sidecar_name(out_path)
+        return _convert_nifti(
+            source, out_path, settings, input_spec, sidecar, case_id, series_id, threads,
+            max_image_mb,
+        )  # fmt: skip
+    return _convert_dicom(
+        source, out_path, settings, sidecar_path, case_id, series_id, salt, series_uid, threads,
+        max_image_mb,
+    )  # fmt: skip
+
+
+def _convert_nifti(
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: ConvertSettings,
+    spec: InputSpec,
+    sidecar_path: str | os.PathLike,
+    case_id: str,
+    series_id: str,
+    threads: int,
+    max_image_mb: float,
+) -> dict[str, Any]:
+    """One NIfTI volume: given itself, or as the one path of a file list (what ingest writes)."""
+    from radflow import nifti_input
+
+    name = Path(source).name
+    files = [str(source)] if name.endswith((".nii", ".nii.gz")) else list_source(source)
+    if len(files) != 1:
+        raise ConversionRefusedError(
+            "NIFTI_FILE_LIST", f"{len(files)} files listed: a NIfTI case is one volume"
+        )
+    return nifti_input.convert_nifti(
+        files[0], out_path, settings, spec, sidecar_path, case_id, series_id, threads,
+        max_image_mb,
+    )  # fmt: skip
+
+
+def _convert_dicom(
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: ConvertSettings,
+    sidecar_path: str | os.PathLike | None,
+    case_id: str,
+    series_id: str,
+    salt: str,
+    series_uid: str | None,
+    threads: int,
+    max_image_mb: float,
+) -> dict[str, Any]:
+    """One DICOM series (see ``convert``)."""
     t0 = time.perf_counter()
     d2n = configure_dicom2nifti(settings)
     files = list_source(source, series_uid)
@@ -716,6 +774,7 @@ def convert_case(
     series_id: str = "",
     threads: int = 1,
     max_image_mb: float | None = None,
+    input_spec: InputSpec | None = None,
 ) -> dict[str, Any]:
     """Convert one case of the workflow: like ``convert``, but a series that cannot be
     converted gets a failed record as its sidecar (stage, code, reason) instead of an error,
@@ -724,7 +783,15 @@ def convert_case(
     try:
         budget = {} if max_image_mb is None else {"max_image_mb": max_image_mb}
         return convert(
-            source, out_path, settings, sidecar_path, case_id, series_id, threads=threads, **budget
+            source,
+            out_path,
+            settings,
+            sidecar_path,
+            case_id,
+            series_id,
+            threads=threads,
+            input_spec=input_spec,
+            **budget,
         )
     except Exception as exc:  # noqa: BLE001 - any data error is this case's, recorded
         if status.is_environmental(exc):

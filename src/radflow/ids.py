@@ -56,6 +56,8 @@ KEY_COLUMNS = (
     "SeriesInstanceUID",
 )
 
+OPTIONAL_KEYS = ("mask",)
+
 
 def case_keys_reader(id_map: str | os.PathLike | None):  # noqa: ANN201 - a closure
     """A function case_id -> the ids a path template may use, from the private id map.
@@ -82,7 +84,10 @@ def case_keys_reader(id_map: str | os.PathLike | None):  # noqa: ANN201 - a clos
 def _read_keys(id_map: str | os.PathLike) -> dict[str, dict[str, str]]:
     from radflow.io import read_id_map  # raw values: the Parquet, not the neutralised CSV
 
-    rows = read_id_map(id_map)[list(KEY_COLUMNS)].to_dict("records")
+    table = read_id_map(id_map)
+    # a NIfTI sheet's mask column (``{mask}``: segment.precomputed's default for a sheet)
+    cols = [*KEY_COLUMNS, *(c for c in OPTIONAL_KEYS if c in table.columns)]
+    rows = table[cols].to_dict("records")
     return {r["case_id"]: r for r in rows if r["case_id"]}
 
 
