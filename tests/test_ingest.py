@@ -186,8 +186,9 @@ def select_df(df, rules):
         (dict(gantry_tilt_deg=12.0), {"gantry_tilt": "refuse"}, "GANTRY_TILT"),
         (dict(gantry_tilt_deg=40.0), {}, "GANTRY_TILT"),
         (dict(n_instances=10, n_frames=10), {}, "TOO_FEW_SLICES"),
-        (dict(irregular_spacing=True), {}, "IRREGULAR_SPACING"),
-        (dict(n_frames=300, n_instances=1), {"min_slices": 1}, "MULTIFRAME"),
+        (dict(irregular_spacing=True), {"irregular_spacing": "refuse"}, "IRREGULAR_SPACING"),
+        (dict(n_frames=10, n_instances=1), {}, "TOO_FEW_SLICES"),
+        (dict(n_instances=1, multiframe_error="[MULTIFRAME_4D] t"), {}, "MULTIFRAME_4D"),
         (dict(modality="MR"), {}, "MODALITY"),
         (dict(orientation="coronal"), {}, "ORIENTATION"),
     ],
@@ -195,6 +196,18 @@ def select_df(df, rules):
 def test_exclusions(kw, rules, code):
     df = pd.DataFrame([_row(**kw)])
     assert select_df(df, ingest.SelectionRules.from_dict(rules))["1.2.1"] == (code, False)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(irregular_spacing=True),  # resampled by convert (convert.irregular_spacing)
+        dict(n_frames=300, n_instances=1),  # one enhanced multi-frame file: 300 slices
+    ],
+)
+def test_irregular_spacing_and_multiframe_are_eligible(kw):
+    df = pd.DataFrame([_row(**kw)])
+    assert select_df(df, ingest.SelectionRules())["1.2.1"] == ("SELECTED", True)
 
 
 def test_one_gap_within_limit_is_eligible():

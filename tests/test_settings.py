@@ -39,9 +39,13 @@ SECTIONS = {
     labels.LabelSpec: (("labels",), ()),
     source.InputSpec: (("input",), ()),
 }
-# SelectionRules also holds the two convert limits that make a series usable
+# SelectionRules also holds the convert limits that make a series usable
 BORROWED = {
-    ingest.SelectionRules: {"max_missing_slices": ("convert",), "gantry_tilt": ("convert",)}
+    ingest.SelectionRules: {
+        "max_missing_slices": ("convert",),
+        "gantry_tilt": ("convert",),
+        "irregular_spacing": ("convert",),
+    }
 }
 
 

@@ -23,7 +23,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from radflow import dicomsafe, geometry, ids, kernels, paths
+from radflow import dicomsafe, geometry, ids, kernels, multiframe, paths
 from radflow.dicomsafe import error_text
 from radflow.io import write_table, write_text
 from radflow.labels import LabelSpec, join_labels, read_labels
@@ -59,6 +59,7 @@ class SelectionRules:
     preferred_kernel_classes: tuple[str, ...] = ("soft", "standard")
     max_missing_slices: int = 1
     gantry_tilt: str = "resample"  # or "refuse"
+    irregular_spacing: str = "resample"  # or "refuse"
     max_gantry_tilt_deg: float = 30.0
 
     @classmethod
@@ -184,6 +185,20 @@ def read_header(
     rec["PixelSpacing"] = _floats(ds, "PixelSpacing")
     rec["ImageOrientationPatient"] = _floats(ds, "ImageOrientationPatient")
     rec["ImagePositionPatient"] = _floats(ds, "ImagePositionPatient")
+    rec["frame_positions"] = None
+    rec["multiframe_error"] = ""
+    if multiframe.is_multiframe(ds):  # one file, many slices: the frames' own geometry
+        try:
+            fr = multiframe.frame_headers(ds)
+            rec["frame_positions"] = [[float(v) for v in h.ImagePositionPatient] for h in fr]
+            rec["ImageOrientationPatient"] = [float(v) for v in fr[0].ImageOrientationPatient]
+            rec["PixelSpacing"] = [float(v) for v in fr[0].PixelSpacing]
+            thick = fr[0].get("SliceThickness")
+            rec["SliceThickness"] = float(thick) if thick not in (None, "") else None
+        except multiframe.MultiFrameError as exc:
+            rec["multiframe_error"] = f"[{exc.code}] {exc.reason}"
+        except (TypeError, ValueError, AttributeError) as exc:
+            rec["multiframe_error"] = f"[MULTIFRAME_GEOMETRY] unreadable frame geometry ({exc})"
     rec["has_pixels"] = bool(rec["Rows"]) and head.has_pixels
     rec["claim_bytes"] = dicomsafe.int16_claim_bytes(ds)
     # blank UIDs are no reason to reject a file: ``assign_keys`` groups it by fallback keys
@@ -502,6 +517,10 @@ def _series_row(
             sorted({f"{v:g}" for v in good["RescaleIntercept"].dropna()})
         ),
         "has_pixels": bool(good["has_pixels"].all()) if len(good) else False,
+        "multiframe_error": _first(
+            e for e in good.get("multiframe_error", pd.Series(dtype=str)).fillna("") if e
+        )
+        or "",
     }
     thick = good["SliceThickness"].dropna()
     row["slice_thickness_mm"] = float(thick.median()) if len(thick) else np.nan
@@ -532,12 +551,16 @@ def _geometry(good: pd.DataFrame, rules: SelectionRules) -> dict[str, Any]:
         for v in good["ImageOrientationPatient"]
         if isinstance(v, list | np.ndarray) and len(v) == 6
     ]
-    ipps = [
-        np.asarray(v)
-        for v in good["ImagePositionPatient"]
-        if isinstance(v, list | np.ndarray) and len(v) == 3
-    ]
-    if not iops or len(ipps) != len(good):
+    frame_pos = good["frame_positions"] if "frame_positions" in good else [None] * len(good)
+    ipps = []
+    for v, fp in zip(good["ImagePositionPatient"], frame_pos, strict=True):
+        if isinstance(fp, list) and fp:  # a multi-frame file: one position per frame
+            ipps.extend(np.asarray(p) for p in fp)
+        elif isinstance(v, list | np.ndarray) and len(v) == 3:
+            ipps.append(np.asarray(v))
+        else:
+            return out
+    if not iops:
         return out
     iop = iops[0]
     out["consistent_geometry"] = bool(
@@ -556,9 +579,13 @@ def _geometry(good: pd.DataFrame, rules: SelectionRules) -> dict[str, Any]:
     out["missing_slices"] = sp.missing
     out["irregular_spacing"] = sp.irregular
     out["duplicate_positions"] = sp.duplicates
+    if sp.irregular and not sp.duplicates:  # output slices of the regular grid left uncovered
+        thick = good["SliceThickness"].dropna()
+        plan = geometry.regular_stack(np.sort(pos), float(thick.median()) if len(thick) else 0.0)
+        out["missing_slices"] = len(plan.missing)
     out["gantry_tilt_deg"] = round(geometry.gantry_tilt_deg(p, iop), 3)
     inst = good["InstanceNumber"].to_numpy(dtype=float)
-    if len(p) > 1 and not np.isnan(inst).any():
+    if len(p) > 1 and len(inst) == len(p) and not np.isnan(inst).any():
         r = np.corrcoef(inst, pos)[0, 1] if np.std(inst) and np.std(pos) else 0.0
         out["instance_order"] = "increasing" if r > 0 else "decreasing"
     return out
@@ -589,10 +616,11 @@ def exclusion(row: pd.Series | dict[str, Any], rules: SelectionRules) -> tuple[s
             "DUPLICATE_SOP_INSTANCE",
             f"{r['duplicate_conflicts']} SOPInstanceUID(s) each held by different files",
         )
-    if r["n_frames"] > r["n_instances"]:
-        return "MULTIFRAME", "multi-frame (enhanced) series are not supported yet"
-    if r["n_instances"] < rules.min_slices:
-        return "TOO_FEW_SLICES", f"{r['n_instances']} instances < min_slices {rules.min_slices}"
+    if r.get("multiframe_error"):  # "[CODE] reason" of a multi-frame object not one volume
+        code, _, reason = str(r["multiframe_error"]).partition("] ")
+        return code.lstrip("["), reason
+    if r["n_frames"] < rules.min_slices:  # a multi-frame file counts its frames as slices
+        return "TOO_FEW_SLICES", f"{r['n_frames']} slices < min_slices {rules.min_slices}"
     if not r["consistent_geometry"]:
         return "INCONSISTENT_GEOMETRY", "orientation or matrix differs between instances"
     th = r["slice_thickness_mm"]
@@ -606,8 +634,12 @@ def exclusion(row: pd.Series | dict[str, Any], rules: SelectionRules) -> tuple[s
         )
     if r["duplicate_positions"]:
         return "DUPLICATE_POSITIONS", f"{r['duplicate_positions']} slices share a position"
-    if r["irregular_spacing"]:
-        return "IRREGULAR_SPACING", "slice spacing is irregular (not a whole-slice gap)"
+    if r["irregular_spacing"] and rules.irregular_spacing == "refuse":
+        return (
+            "IRREGULAR_SPACING",
+            "slice spacing is irregular (not a whole-slice gap) and "
+            "convert.irregular_spacing=refuse",
+        )
     if r["missing_slices"] > rules.max_missing_slices:
         return (
             "SLICE_GAP",

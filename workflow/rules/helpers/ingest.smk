@@ -7,6 +7,7 @@ def selection_rules():
     rules = dict(config["ingest"]["selection"])
     rules["max_missing_slices"] = config["convert"]["max_missing_slices"]
     rules["gantry_tilt"] = config["convert"]["gantry_tilt"]
+    rules["irregular_spacing"] = config["convert"]["irregular_spacing"]
     return rules
 
 
