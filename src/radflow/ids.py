@@ -92,10 +92,23 @@ def _read_keys(id_map: str | os.PathLike) -> dict[str, dict[str, str]]:
 
 
 def fill_template(template: str, keys: dict[str, str]) -> str:
-    """A path template with ``{case_id}``, ``{StudyInstanceUID}``... filled in."""
-    try:
-        return template.format(**keys)
-    except KeyError as exc:
+    """A path template with ``{case_id}``, ``{StudyInstanceUID}``... filled in.
+
+    A placeholder whose value is blank (a series whose UIDs an anonymiser blanked, grouped by
+    fallback keys) is refused: filled with nothing it would name another case's file.
+    """
+    import string
+
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    unknown = sorted(names - set(keys))
+    if unknown:
         raise ValueError(
-            f"unknown placeholder {exc} in a path template; known: {sorted(keys)}"
-        ) from None
+            f"unknown placeholder {{{unknown[0]}}} in a path template; known: {sorted(keys)}"
+        )
+    blank = sorted(n for n in names if keys[n] is None or str(keys[n]).strip() in ("", "nan"))
+    if blank:
+        raise ValueError(
+            f"the path template needs {{{blank[0]}}}, which this case does not have (blank "
+            "in its DICOM: the series was grouped by fallback keys); use {case_id} instead"
+        )
+    return template.format(**keys)
