@@ -1,6 +1,7 @@
 """The benchmarks stay runnable: convert (radflow agrees with dcm2niix in world space), the DAG
 scale bench and its peer, segmentation batch priority, model reuse."""
 
+import json
 import re
 import subprocess
 import sys
@@ -34,6 +35,33 @@ def test_convert_bench_small_matches_dcm2niix(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ratio radflow / dcm2niix" in out.stdout
     assert "identical voxels True, affines differ by at most 0.0000 mm" in out.stdout
+
+
+def test_convert_speed_geometry_bench_runs(tmp_path):
+    """Irregular spacing and multi-frame are timed against a regular series, with ratios."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "convert_speed.py"),
+            "--geometry",
+            "--rows",
+            "32",
+            "--slices",
+            "24",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ratio to regular" in out.stdout
+    assert "identical voxels True, affines differ by at most 0.0000 mm" in out.stdout
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["median_wall_s"]) == {"regular", "irregular", "multiframe"}
 
 
 def test_dag_scale_bench_plans_every_case(tmp_path):

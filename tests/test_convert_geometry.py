@@ -11,9 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 from dicom2nifti import common as d2n_common
+from scipy import ndimage
 
 from radflow import convert, geometry
 from radflow.demo import VENDORS, Phantom, SeriesSpec, StudySpec, SubjectSpec, write_series
+from radflow.demo.enhanced import write_enhanced
 
 MARKER_LPS = np.array([14.0, -9.0, 7.0])  # off-centre on every axis, so any flip shows
 MARKER_HU = 1000.0
@@ -257,3 +259,255 @@ def test_truncated_file_is_a_clear_refusal(tmp_path):
         fh.truncate(files[10].stat().st_size - 100)
     with pytest.raises(convert.ConversionRefusedError, match="TRUNCATED"):
         convert.convert(tmp_path / "axial", tmp_path / "x.nii.gz", convert.ConvertSettings())
+
+
+# --------------------------------------------------------------------------- irregular spacing
+
+# 24 slices at irregular steps (1.4-3.1 mm, none a multiple of another), like a head CT
+# reconstructed with varying increments
+IRREGULAR_STEPS = (2.0, 1.4, 2.6, 2.0, 3.1, 1.7, 2.0, 2.4, 1.4, 2.0) * 2 + (2.2, 1.6, 2.9)
+_OFFSETS = np.concatenate([[0.0], np.cumsum(IRREGULAR_STEPS)])
+IRREGULAR_OFFSETS = tuple(np.round(_OFFSETS - _OFFSETS.mean(), 3))
+
+
+class RampPhantom:
+    """HU linear in LPS position: linear interpolation reproduces it exactly wherever it is
+    done in the right place, so any voxel off its world position shows as an HU error."""
+
+    def hu(self, points: np.ndarray) -> np.ndarray:
+        return (100.0 + 10.0 * points[..., 2] + 0.5 * points[..., 0] - 0.3 * points[..., 1]).astype(
+            np.float32
+        )
+
+
+def ramp_lps(world_ras: np.ndarray) -> np.ndarray:
+    lps = geometry.lps_to_ras(world_ras)  # the flip is its own inverse
+    return 100.0 + 10.0 * lps[..., 2] + 0.5 * lps[..., 0] - 0.3 * lps[..., 1]
+
+
+def write_spec(tmp: Path, name: str, spec: SeriesSpec, phantom=None) -> list[Path]:
+    spec = replace(spec, iop=_orthonormal(spec.iop))
+    subj = SubjectSpec(0, "PID", "TEST^NAME", "19700101", "F", 0, True, Phantom())
+    study = StudySpec(0, "ACC1", "20200101", VENDORS[0], (spec,))
+    return write_series(
+        tmp / name,
+        phantom or MarkerPhantom(),
+        spec,
+        subj,
+        study,
+        "1.2.3.4",
+        f"1.2.3.4.{abs(hash(name)) % 997}",
+        0,
+    )
+
+
+IRREGULAR = replace(  # 3 mm slices: every gap covered but for < half a slice
+    BASE, thickness=3.0, n_slices=len(IRREGULAR_OFFSETS), offsets_mm=IRREGULAR_OFFSETS
+)
+IRREGULAR_TILTED = replace(  # GE head CT: gantry tilt and irregular steps together
+    IRREGULAR,
+    iop=(1, 0, 0, 0, np.cos(np.radians(18.5)), -np.sin(np.radians(18.5))),
+    step_dir=(0, 0, 1),
+    gantry_tilt_deg=18.5,
+)
+
+
+@pytest.mark.parametrize("spec", [IRREGULAR, IRREGULAR_TILTED], ids=["axial", "tilted"])
+def test_irregular_spacing_is_resampled_world_exact(tmp_path, spec):
+    write_spec(tmp_path, "m", spec)
+    out = tmp_path / "m.nii.gz"
+    sc = convert.convert(tmp_path / "m", out, convert.ConvertSettings())
+    img = nib.load(out)
+    data = np.asanyarray(img.dataobj)
+    spacing = geometry.ras_spacing(img.affine)
+    err = np.abs(marker_centroid(data, img.affine) - geometry.lps_to_ras(MARKER_LPS))
+    assert (err <= spacing / 2).all(), f"marker off by {err} mm (spacing {spacing})"
+    rec = sc["qc"]["irregular_spacing"]
+    assert rec["source_slices"] == 24
+    assert rec["source_max_gap_mm"] == pytest.approx(3.1, abs=0.01)
+    assert rec["source_min_gap_mm"] == pytest.approx(1.4, abs=0.01)
+    assert rec["output_step_mm"] == pytest.approx(np.median(IRREGULAR_STEPS), rel=0.05)
+    assert rec["uncovered_output_slices"] == []
+
+
+def ramp_error(tmp: Path, spec: SeriesSpec) -> float:
+    """Largest |HU - ramp(world position)| over voxels inside the acquired volume."""
+    write_spec(tmp, "r", replace(spec, noise_hu=0.0), RampPhantom())
+    out = tmp / "r.nii.gz"
+    convert.convert(tmp / "r", out, convert.ConvertSettings(hu_clip=None))
+    img = nib.load(out)
+    data = np.asanyarray(img.dataobj).astype(float)
+    inside = ndimage.binary_erosion(data > -1024, iterations=2)
+    assert inside.sum() > 0.3 * data.size
+    expect = ramp_lps(geometry.voxel_to_world(img.affine, np.argwhere(inside)))
+    return float(np.abs(data[inside] - expect).max())
+
+
+@pytest.mark.parametrize("spec", [IRREGULAR, IRREGULAR_TILTED], ids=["axial", "tilted"])
+def test_irregular_every_voxel_has_the_hu_of_its_world_position(tmp_path, spec):
+    """A linear ramp (10 HU/mm along z) survives linear interpolation exactly: every voxel
+    inside the acquired volume holds the ramp's value at its own world position."""
+    err = ramp_error(tmp_path, spec)
+    assert err <= 1.5, f"HU off by up to {err:.1f} (world misplacement)"
+
+
+def test_ramp_check_catches_nominal_positions(tmp_path, monkeypatch):
+    """The failure mode: slices treated as evenly spaced between the first and the last."""
+    exact = geometry.regular_stack
+
+    def nominal(pos, thickness_mm=0.0):
+        return exact(np.linspace(pos[0], pos[-1], len(pos)), thickness_mm)
+
+    monkeypatch.setattr(convert.geometry, "regular_stack", nominal)
+    assert ramp_error(tmp_path, IRREGULAR) > 5.0
+
+
+def test_irregular_spacing_refused_by_config(tmp_path):
+    write_spec(tmp_path, "m", IRREGULAR)
+    with pytest.raises(convert.ConversionRefusedError, match="IRREGULAR_SPACING.*refuse"):
+        convert.convert(
+            tmp_path / "m",
+            tmp_path / "m.nii.gz",
+            convert.ConvertSettings(irregular_spacing="refuse"),
+        )
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_irregular_gap_beyond_max_missing_slices_is_refused(tmp_path):
+    offsets = np.array(IRREGULAR_OFFSETS)
+    offsets[12:] += 7.0  # a 7+ mm hole: several 2 mm output slices no 2 mm slice covers
+    spec = replace(IRREGULAR, offsets_mm=tuple(offsets))
+    write_spec(tmp_path, "g", spec)
+    with pytest.raises(convert.ConversionRefusedError, match="SLICE_GAP.*no acquired slice"):
+        convert.convert(tmp_path / "g", tmp_path / "g.nii.gz", convert.ConvertSettings())
+    sc = convert.convert(
+        tmp_path / "g", tmp_path / "g.nii.gz", convert.ConvertSettings(max_missing_slices=5)
+    )
+    assert 2 <= len(sc["qc"]["irregular_spacing"]["uncovered_output_slices"]) <= 5
+
+
+def test_irregular_positions_off_a_straight_stack_are_refused(tmp_path):
+    files = write_spec(tmp_path, "b", IRREGULAR)
+    ds = pydicom.dcmread(files[7])
+    ipp = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [ipp[0] + 3.0, *ipp[1:]]
+    ds.save_as(files[7])
+    with pytest.raises(convert.ConversionRefusedError, match="NONLINEAR_POSITIONS"):
+        convert.convert(tmp_path / "b", tmp_path / "b.nii.gz", convert.ConvertSettings())
+
+
+# --------------------------------------------------------------------------- multi-frame
+
+
+def _enhanced(tmp: Path, name: str, **kw) -> tuple[list[Path], Path]:
+    files = write_case(tmp, name)
+    rng = np.random.default_rng(0)
+    mf = write_enhanced(
+        files, tmp / "mf" / name / "enhanced.dcm", frame_order=rng.permutation(len(files)), **kw
+    )
+    return files, mf
+
+
+@pytest.mark.parametrize("name", ["axial", "reversed", "oblique", "tilted", "signed"])
+def test_enhanced_multiframe_converts_like_its_single_frame_series(tmp_path, name):
+    _, mf = _enhanced(tmp_path, name, per_frame_rescale=True)
+    a = tmp_path / "single.nii.gz"
+    b = tmp_path / "multi.nii.gz"
+    convert.convert(tmp_path / name, a, convert.ConvertSettings())
+    sc = convert.convert(mf.parent, b, convert.ConvertSettings())
+    ia, ib = nib.load(a), nib.load(b)
+    np.testing.assert_allclose(ib.affine, ia.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asanyarray(ib.dataobj), np.asanyarray(ia.dataobj))
+    assert sc["acquisition"]["multiframe"] is True
+    assert sc["acquisition"]["n_instances"] == 1 and sc["acquisition"]["n_slices"] == 30
+    assert sc["acquisition"]["kernel"] == "B30f"
+
+
+def _mutate(mf: Path, change) -> None:
+    ds = pydicom.dcmread(mf)
+    change(ds)
+    ds.save_as(mf)
+
+
+def _tilt_half(ds):
+    for item in ds.PerFrameFunctionalGroupsSequence[::2]:
+        iop = pydicom.Dataset()
+        iop.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        item.PlaneOrientationSequence = [iop]
+
+
+def _two_times(ds):
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item.FrameContentSequence[0].TemporalPositionIndex = 1 + i % 2
+
+
+def _repeat_positions(ds):
+    seq = ds.PerFrameFunctionalGroupsSequence
+    for i in range(1, len(seq), 2):
+        seq[i].PlanePositionSequence = seq[i - 1].PlanePositionSequence
+
+
+def _no_per_frame(ds):
+    del ds.PerFrameFunctionalGroupsSequence
+
+
+def _no_position(ds):
+    del ds.PerFrameFunctionalGroupsSequence[4].PlanePositionSequence
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (_tilt_half, "MULTIFRAME_ORIENTATION"),
+        (_two_times, "MULTIFRAME_4D"),
+        (_repeat_positions, "MULTIFRAME_4D"),
+        (_no_per_frame, "MULTIFRAME_NO_GEOMETRY"),
+        (_no_position, "MULTIFRAME_GEOMETRY"),
+    ],
+)
+def test_multiframe_that_is_not_one_volume_is_refused(tmp_path, change, code):
+    _, mf = _enhanced(tmp_path, "axial")
+    _mutate(mf, change)
+    with pytest.raises(convert.ConversionRefusedError, match=code):
+        convert.convert(mf.parent, tmp_path / "x.nii.gz", convert.ConvertSettings())
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_ingest_counts_frames_as_slices(tmp_path):
+    from radflow import ingest
+
+    _, mf = _enhanced(tmp_path, "axial")
+    rules = ingest.SelectionRules(min_slices=20)
+    series = ingest.select_series(
+        ingest.summarize_series(ingest.scan(mf.parent), rules), rules
+    ).iloc[0]
+    assert series["n_instances"] == 1 and series["n_frames"] == 30
+    assert series["reason_code"] == "SELECTED", series["reason"]
+    assert series["slice_spacing_mm"] == pytest.approx(2.0)
+    _mutate(mf, _two_times)
+    series = ingest.select_series(
+        ingest.summarize_series(ingest.scan(mf.parent), rules), rules
+    ).iloc[0]
+    assert series["reason_code"] == "MULTIFRAME_4D" and "temporal" in series["reason"]
+
+
+def test_ingest_judges_irregular_spacing_as_convert_does(tmp_path):
+    """Ingest selects what convert resamples and excludes what convert refuses, same reason."""
+    from radflow import ingest
+
+    offsets = np.array(IRREGULAR_OFFSETS)
+    offsets[12:] += 7.0
+    write_spec(tmp_path, "ok", IRREGULAR)
+    write_spec(tmp_path, "hole", replace(IRREGULAR, offsets_mm=tuple(offsets), number=3))
+    for name, rules, code in [
+        ("ok", {}, "SELECTED"),
+        ("ok", {"irregular_spacing": "refuse"}, "IRREGULAR_SPACING"),
+        ("hole", {}, "SLICE_GAP"),
+        ("hole", {"max_missing_slices": 5}, "SELECTED"),
+    ]:
+        r = ingest.SelectionRules.from_dict(rules)
+        row = ingest.select_series(
+            ingest.summarize_series(ingest.scan(tmp_path / name), r), r
+        ).iloc[0]
+        assert row["irregular_spacing"], name
+        assert row["reason_code"] == code, (name, rules, row["reason"])

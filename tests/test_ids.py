@@ -41,3 +41,15 @@ def test_unknown_kind_and_empty_salt_are_errors():
 def test_sanitize_keeps_safe_text():
     assert ids.sanitize("case-0a1b") == "case-0a1b"
     assert Path(ids.sanitize("../../etc")).name == "etc"
+
+
+def test_fill_template_refuses_blank_and_unknown_placeholders():
+    from radflow.ids import fill_template
+
+    keys = {"case_id": "case-0123456789ab", "StudyInstanceUID": "", "SeriesInstanceUID": "1.2"}
+    assert fill_template("m/{case_id}.nii.gz", keys) == "m/case-0123456789ab.nii.gz"
+    assert fill_template("m/{SeriesInstanceUID}.nii.gz", keys) == "m/1.2.nii.gz"
+    with pytest.raises(ValueError, match="StudyInstanceUID.*does not have"):
+        fill_template("m/{StudyInstanceUID}/organs.nii.gz", keys)
+    with pytest.raises(ValueError, match="unknown placeholder {PatientName}"):
+        fill_template("m/{PatientName}.nii.gz", keys)

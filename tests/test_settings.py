@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from radflow import convert, evaluate, explain, ingest, labels, manifest, mask, segment, train
+from radflow import (
+    convert,
+    evaluate,
+    explain,
+    ingest,
+    labels,
+    manifest,
+    mask,
+    segment,
+    source,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -26,10 +37,15 @@ SECTIONS = {
     train.TrainSettings: (("train",), ("threads",)),
     explain.ExplainSettings: (("explain",), ("threads", "splits", "lesion_reference")),
     labels.LabelSpec: (("labels",), ()),
+    source.InputSpec: (("input",), ()),
 }
-# SelectionRules also holds the two convert limits that make a series usable
+# SelectionRules also holds the convert limits that make a series usable
 BORROWED = {
-    ingest.SelectionRules: {"max_missing_slices": ("convert",), "gantry_tilt": ("convert",)}
+    ingest.SelectionRules: {
+        "max_missing_slices": ("convert",),
+        "gantry_tilt": ("convert",),
+        "irregular_spacing": ("convert",),
+    }
 }
 
 
@@ -77,7 +93,7 @@ def test_every_settings_dataclass_is_checked():
     import radflow
 
     found = set()
-    for mod in (convert, evaluate, explain, ingest, labels, manifest, mask, segment, train):
+    for mod in (convert, evaluate, explain, ingest, labels, manifest, mask, segment, source, train):
         for _, obj in inspect.getmembers(mod, dataclasses.is_dataclass):
             if obj.__module__ == mod.__name__ and hasattr(obj, "from_dict"):
                 found.add(obj)

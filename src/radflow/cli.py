@@ -67,6 +67,18 @@ def _budget(args: argparse.Namespace) -> dict:
     return {} if args.max_image_mb is None else {"max_image_mb": args.max_image_mb}
 
 
+_INPUT = (
+    "config input as JSON: format dicom|nifti, modality CT|MR|other, volume_index "
+    '(default: dicom, or nifti for a .csv sheet / a .nii(.gz) volume), e.g. {"format": "nifti"}'
+)
+
+
+def _input(args: argparse.Namespace, path: str):  # noqa: ANN202 - radflow.source.InputSpec
+    from radflow.source import InputSpec
+
+    return InputSpec.resolve(args.input, path)
+
+
 def _settings(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--settings", type=_json_arg, default={}, help=f"{what} settings as JSON (config key)"
@@ -122,8 +134,9 @@ def cmd_train_phantom_model(args: argparse.Namespace) -> int:
 
 @command
 def _add_ingest(sub: Sub) -> None:
-    i = sub.add_parser("ingest", help="index a raw DICOM tree and select series")
-    i.add_argument("raw_dir")
+    i = sub.add_parser("ingest", help="index a raw DICOM tree (or a NIfTI sheet) and select")
+    i.add_argument("raw_dir", help="the raw DICOM tree, or the NIfTI cohort sheet (--input)")
+    i.add_argument("--input", type=_json_arg, default={}, help=_INPUT)
     i.add_argument("out_dir", help="inventory folder (series.csv/.parquet, rejected_files.csv)")
     i.add_argument("--private-dir", required=True, help="where raw identifiers may be written")
     i.add_argument("--selection", type=_json_arg, default={}, help="selection rules as JSON")
@@ -147,6 +160,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         LabelSpec.from_dict(args.labels),
         _salt(args.salt),
         threads=_threads(args.threads),
+        source=_input(args, args.raw_dir),
         **_budget(args),
     )
     print(ingest.summary(inv))
@@ -158,8 +172,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 @command
 def _add_convert(sub: Sub) -> None:
-    c = sub.add_parser("convert", help="convert one DICOM series to NIfTI")
-    c.add_argument("source", help="series folder, or a .json/.txt list of its files")
+    c = sub.add_parser("convert", help="convert one DICOM series (or NIfTI volume) to NIfTI")
+    c.add_argument("source", help="series folder, a .json/.txt list of its files, or a .nii.gz")
+    c.add_argument("--input", type=_json_arg, default={}, help=_INPUT)
     c.add_argument("out", help="output .nii.gz")
     c.add_argument("--sidecar", default=None, help="JSON sidecar path (default beside OUT)")
     _settings(c, "convert")
@@ -181,7 +196,7 @@ def _add_convert(sub: Sub) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert one series to RAS+ int16 NIfTI with a sidecar."""
-    from radflow import convert, ids, paths
+    from radflow import convert, ids, paths, status
 
     settings = convert.ConvertSettings.from_dict(args.settings)
     series_id = args.series_id
@@ -198,6 +213,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             args.case_id,
             series_id,
             threads,
+            input_spec=_input(args, args.source),
             **_budget(args),
         )
         if sc.get("status") == "failed":
@@ -215,9 +231,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 salt=args.salt or os.environ.get(SALT_ENV, ""),
                 series_uid=args.series_uid,
                 threads=threads,
+                input_spec=_input(args, args.source),
                 **_budget(args),
             )
-        except convert.ConversionRefusedError as exc:
+        except status.CaseFailedError as exc:
             print(f"radflow convert: refused {exc}", file=sys.stderr)
             return EXIT_REFUSED
     g = sc["geometry"]

@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +36,17 @@ from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 from tqdm import tqdm
 
 import radflow
-from radflow import dicomsafe, geometry, ids, status
+from radflow import codecs, dicomsafe, geometry, ids, multiframe, status
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
 from radflow.settings import section
+from radflow.source import InputSpec
 from radflow.status import CaseFailedError
 
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 MIN_SLICES = 3  # fewest slices a volume can be made of (ingest.selection.min_slices selects)
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
+codecs.register()  # imagecodecs joins pydicom's JPEG decoders (12-bit extended, lossless)
 
 
 class ConversionRefusedError(CaseFailedError, RuntimeError):
@@ -58,6 +60,7 @@ class ConvertSettings:
     spacing_mm: tuple[float, float, float] | None = None  # None = native spacing
     interpolation: str = "linear"  # linear | cubic
     gantry_tilt: str = "resample"  # resample | refuse
+    irregular_spacing: str = "resample"  # resample | refuse
     max_missing_slices: int = 1
     hu_clip: tuple[float, float] | None = (-1024.0, 3071.0)
     fill_hu: float = -1024.0
@@ -75,6 +78,8 @@ class ConvertSettings:
             raise ValueError("convert.interpolation must be 'linear' or 'cubic'")
         if d.get("gantry_tilt", "resample") not in ("resample", "refuse"):
             raise ValueError("convert.gantry_tilt must be 'resample' or 'refuse'")
+        if d.get("irregular_spacing", "resample") not in ("resample", "refuse"):
+            raise ValueError("convert.irregular_spacing must be 'resample' or 'refuse'")
         return cls(**d)
 
 
@@ -151,7 +156,8 @@ def read_headers(
 ) -> list[pydicom.Dataset]:
     """Headers (no pixels) of the files of one series, each checked against the budget.
 
-    Non-DICOM files are skipped when ``skip_non_dicom`` (a folder's notes); otherwise (a file
+    Non-DICOM files and non-image objects (a DICOMDIR, reports) are skipped when
+    ``skip_non_dicom`` (a folder, as a DICOM CD holds it); otherwise (a file
     list: ingest lists only image instances) every file must be a readable image instance. A
     file that cannot be read refuses the series (UNREADABLE_INSTANCE), never silently dropped and
     interpolated over. Errors name instances by their index in the list, never by path.
@@ -167,6 +173,27 @@ def read_headers(
         except Exception as exc:  # noqa: BLE001 - refused with a path-free reason
             raise _unreadable(i, len(files), exc, f) from None
         ds = head.ds
+        if skip_non_dicom and dicomsafe.non_image_reason(ds, head.has_pixels):
+            continue  # a folder's DICOMDIR, structured reports, presentation states...
+        over = dicomsafe.claim_error(ds, max_image_mb) if "Rows" in ds else ""
+        if over:
+            raise ConversionRefusedError(
+                "TOO_LARGE", f"instance {i + 1} of {len(files)} {over}; refused before reading"
+            )
+        if multiframe.is_multiframe(ds):
+            try:
+                frames = multiframe.frame_headers(ds)
+            except multiframe.MultiFrameError as exc:
+                raise ConversionRefusedError(
+                    exc.code, f"instance {i + 1} of {len(files)}: {exc.reason}"
+                ) from None
+            for fh in frames:
+                fh.radflow_pixel_offset = None
+                fh.radflow_path = f
+                fh.radflow_index = i
+                fh.radflow_total = len(files)
+            headers.extend(frames)
+            continue
         if not skip_non_dicom and not all(k in ds for k in _INSTANCE_KEYS):
             missing = [k for k in _INSTANCE_KEYS if k not in ds]
             raise ConversionRefusedError(
@@ -174,11 +201,7 @@ def read_headers(
                 f"instance {i + 1} of {len(files)} in the file list has no {', '.join(missing)} "
                 "(truncated or not an image); a listed file is never skipped or interpolated",
             )
-        over = dicomsafe.claim_error(ds, max_image_mb) if "Rows" in ds else ""
-        if over:
-            raise ConversionRefusedError(
-                "TOO_LARGE", f"instance {i + 1} of {len(files)} {over}; refused before reading"
-            )
+        ds.radflow_frame = None
         ds.radflow_pixel_offset = head.pixel_offset
         ds.radflow_path = f
         ds.radflow_index = i
@@ -216,15 +239,58 @@ def check_grid(shape: Sequence[int], max_image_mb: float, what: str) -> None:
 
 @dataclass(frozen=True)
 class StackGeometry:
-    """Sorted stack: files in spatial order, their uniform slice index, and the affine."""
+    """Sorted stack: files in spatial order, their slice index, and the affine.
+
+    For a regular stack the slices sit on a uniform grid (``slot``; ``missing`` slots are
+    interpolated) and ``affine`` is that grid's. For irregular spacing (``zplan`` set) the
+    sorted slices are read as they are (``slot`` = 0..n-1) and then interpolated onto the regular
+    grid of ``zplan`` along the stack, whose voxel -> RAS map ``affine`` is.
+    """
 
     order: list[int]  # header index per sorted slice
-    slot: list[int]  # uniform slice index of each sorted slice
-    n_slices: int  # slices on the uniform grid (including missing ones)
+    slot: list[int]  # slice index of each sorted slice in the read buffer
+    n_slices: int  # slices of the read buffer (uniform grid, including missing ones)
     missing: list[int]  # uniform indices with no file (filled by interpolation)
-    affine: np.ndarray  # voxel (col, row, uniform slice) -> RAS
+    affine: np.ndarray  # voxel (col, row, slice of the output stack) -> RAS
     tilt_deg: float
     instance_order: str  # InstanceNumber increasing/decreasing along the slice normal
+    zplan: geometry.StackResampling | None = None  # irregular spacing: the regular grid
+    positions_mm: tuple[float, ...] = ()  # sorted positions along the normal (irregular only)
+    line_deviation_mm: float = 0.0
+
+
+def _regular_plan(
+    pos: np.ndarray, thickness: float, s: ConvertSettings
+) -> geometry.StackResampling:
+    """The regular grid for irregularly spaced slices, or the refusal that applies."""
+    steps = np.diff(pos)
+    what = f"slice spacing is irregular (steps {steps.min():.2f}-{steps.max():.2f} mm)"
+    if s.irregular_spacing == "refuse":
+        raise ConversionRefusedError(
+            "IRREGULAR_SPACING", f"{what} and convert.irregular_spacing=refuse"
+        )
+    plan = geometry.regular_stack(pos, thickness)
+    if len(plan.missing) > s.max_missing_slices:
+        raise ConversionRefusedError(
+            "SLICE_GAP",
+            f"{what}: {len(plan.missing)} slice(s) of the regular {plan.step_mm:.2f} mm grid lie "
+            f"in gaps no acquired slice covers (largest gap {plan.max_gap_mm:.2f} mm) > "
+            f"convert.max_missing_slices {s.max_missing_slices}",
+        )
+    return plan
+
+
+def _positions_off_line(ipps: np.ndarray, pos: np.ndarray, ps: np.ndarray) -> float:
+    """Deviation of the slice positions from a straight stack; refused beyond 0.1 pixel."""
+    dev = geometry.line_deviation_mm(ipps, pos)
+    tol = 0.1 * float(np.min(ps))
+    if dev > tol:
+        raise ConversionRefusedError(
+            "NONLINEAR_POSITIONS",
+            f"slice positions stray {dev:.2f} mm (> {tol:.2f} mm, 0.1 pixel) from a straight "
+            "stack; interpolating between them would misplace voxels",
+        )
+    return dev
 
 
 def stack_geometry(headers: Sequence[pydicom.Dataset], settings: ConvertSettings) -> StackGeometry:
@@ -246,16 +312,23 @@ def stack_geometry(headers: Sequence[pydicom.Dataset], settings: ConvertSettings
     iop = np.asarray(ordered[0].ImageOrientationPatient, dtype=float)
     ipps = np.array([h.ImagePositionPatient for h in ordered], dtype=float)
     pos = geometry.project_positions(ipps, iop)
-    if pos[-1] < pos[0]:  # dicom2nifti sorts by the most varying coordinate; we want +normal
-        ordered, ipps, pos = ordered[::-1], ipps[::-1], pos[::-1]
+    # dicom2nifti sorts by the most varying coordinate; we want positions increasing along
+    # +normal (a stable sort keeps its order where they tie, and duplicates are refused below)
+    rank = np.argsort(pos, kind="stable")
+    ordered, ipps, pos = [ordered[i] for i in rank], ipps[rank], pos[rank]
     sp = geometry.slice_spacing(pos)
     if sp.duplicates:
         raise ConversionRefusedError(
             "DUPLICATE_POSITIONS", f"{sp.duplicates} slices share a position"
         )
+    ps = np.asarray(ordered[0].PixelSpacing, dtype=float)
+    zplan = None
+    dev = 0.0
     if sp.irregular:
-        raise ConversionRefusedError("IRREGULAR_SPACING", "slice spacing is irregular")
-    if sp.missing > settings.max_missing_slices:
+        thickness = float(ordered[0].get("SliceThickness", 0) or 0)
+        zplan = _regular_plan(pos, thickness, settings)
+        dev = _positions_off_line(ipps, pos, ps)
+    elif sp.missing > settings.max_missing_slices:
         raise ConversionRefusedError(
             "SLICE_GAP",
             f"{sp.missing} missing slice(s) > convert.max_missing_slices "
@@ -266,23 +339,37 @@ def stack_geometry(headers: Sequence[pydicom.Dataset], settings: ConvertSettings
         raise ConversionRefusedError(
             "GANTRY_TILT", f"gantry tilt {tilt:.1f} deg and gantry_tilt=refuse"
         )
+    inst = [float(h.get("InstanceNumber", 0) or 0) for h in ordered]
+    common = {
+        "order": [index[id(h)] for h in ordered],
+        "tilt_deg": tilt,
+        "instance_order": "decreasing" if len(inst) > 1 and inst[0] > inst[-1] else "increasing",
+    }
+    if zplan is not None:
+        step = (ipps[-1] - ipps[0]) / (zplan.n_slices - 1)
+        return StackGeometry(
+            slot=list(range(len(ordered))),
+            n_slices=len(ordered),
+            missing=[],
+            affine=geometry.series_affine_ras(iop, ipps[0], step, ps),
+            zplan=zplan,
+            positions_mm=tuple(float(v) for v in pos),
+            line_deviation_mm=dev,
+            **common,
+        )
     slot = [int(round(v)) for v in (pos - pos[0]) / sp.step_mm] if len(pos) > 1 else [0]
     n = slot[-1] + 1
-    ps = np.asarray(ordered[0].PixelSpacing, dtype=float)
     if sp.missing == 0:
         affine, _ = d2n_common.create_affine(ordered)  # dicom2nifti's own LPS->RAS affine
     else:
         step = (ipps[-1] - ipps[0]) / (n - 1)
         affine = geometry.series_affine_ras(iop, ipps[0], step, ps)
-    inst = [float(h.get("InstanceNumber", 0) or 0) for h in ordered]
     return StackGeometry(
-        order=[index[id(h)] for h in ordered],
         slot=slot,
         n_slices=n,
         missing=sorted(set(range(n)) - set(slot)),
         affine=np.asarray(affine, dtype=float),
-        tilt_deg=tilt,
-        instance_order="decreasing" if len(inst) > 1 and inst[0] > inst[-1] else "increasing",
+        **common,
     )
 
 
@@ -327,14 +414,8 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
     return arr.reshape(int(ds.Rows), int(ds.Columns))
 
 
-def slice_hu(ds: pydicom.Dataset, clip: tuple[float, float] | None) -> np.ndarray:
-    """One slice in HU as int16 (rows, cols), slope/intercept applied without float64."""
-    raw = _native_pixels(ds)
-    if raw is None:  # the header's claim was checked against the budget by read_headers
-        full = pydicom.dcmread(ds.radflow_path)
-        raw = full.pixel_array
-        if raw.shape != (int(ds.Rows), int(ds.Columns)):
-            raise ValueError(f"decoded pixel array has shape {raw.shape}, not one slice")
+def to_hu(raw: np.ndarray, ds: pydicom.Dataset, clip: tuple[float, float] | None) -> np.ndarray:
+    """Stored values of one slice or frame in HU as int16, slope/intercept without float64."""
     bits = int(ds.get("BitsStored", 16))
     if bits < 16:
         if int(ds.PixelRepresentation) == 1:
@@ -352,40 +433,102 @@ def slice_hu(ds: pydicom.Dataset, clip: tuple[float, float] | None) -> np.ndarra
     return np.clip(hu, max(lo, -32768), min(hi, 32767)).astype(np.int16)
 
 
+def slice_hu(ds: pydicom.Dataset, clip: tuple[float, float] | None) -> np.ndarray:
+    """One single-frame slice in HU as int16 (rows, cols)."""
+    raw = _native_pixels(ds)
+    if raw is None:  # the header's claim was checked against the budget by read_headers
+        full = pydicom.dcmread(ds.radflow_path)
+        raw = full.pixel_array
+        if raw.shape != (int(ds.Rows), int(ds.Columns)):
+            raise ValueError(f"decoded pixel array has shape {raw.shape}, not one slice")
+    return to_hu(raw, ds, clip)
+
+
+def _refused_at(h: pydicom.Dataset, exc: Exception) -> ConversionRefusedError:
+    """The refusal for a slice that cannot be read, naming its instance by index only."""
+    if isinstance(exc, ConversionRefusedError):
+        return ConversionRefusedError(
+            exc.code, f"instance {h.radflow_index + 1} of {h.radflow_total}: {exc.reason}"
+        )
+    return _unreadable(h.radflow_index, h.radflow_total, exc, h.radflow_path)
+
+
+def acquired_slices(
+    headers: Sequence[pydicom.Dataset], order: Sequence[int], clip: tuple[float, float] | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(rank in ``order``, HU slice rows x cols) for every slice; each file is read once.
+
+    Frames of a multi-frame file are decoded one at a time in file order
+    (``pydicom.pixels.iter_pixels``), each with its own frame's slope and intercept.
+    """
+    rank_of = {hidx: r for r, hidx in enumerate(order)}
+    by_file: dict[str, dict[int, int]] = {}
+    for hidx in order:
+        h = headers[hidx]
+        if h.radflow_frame is None:
+            try:
+                yield rank_of[hidx], slice_hu(h, clip)
+            except Exception as exc:  # noqa: BLE001 - refused, naming the instance by index
+                raise _refused_at(h, exc) from None
+        else:
+            by_file.setdefault(h.radflow_path, {})[h.radflow_frame] = hidx
+    for path, frame_to_hidx in by_file.items():
+        first = headers[next(iter(frame_to_hidx.values()))]
+        try:
+            for f, raw in enumerate(pydicom.pixels.iter_pixels(path)):
+                hidx = frame_to_hidx.get(f)
+                if hidx is None:
+                    continue
+                h = headers[hidx]
+                if raw.shape != (int(h.Rows), int(h.Columns)):
+                    raise ValueError(f"decoded frame has shape {raw.shape}, not one slice")
+                yield rank_of[hidx], to_hu(raw, h, clip)
+        except Exception as exc:  # noqa: BLE001 - refused, naming the instance by index
+            raise _refused_at(first, exc) from None
+
+
 def read_volume(
     headers: Sequence[pydicom.Dataset], geo: StackGeometry, clip: tuple[float, float] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read pixels into an int16 RAS+ volume; returns (volume, its affine)."""
     first = headers[geo.order[0]]
-    shape_src = (int(first.Columns), int(first.Rows), geo.n_slices)
+    n_out = geo.zplan.n_slices if geo.zplan is not None else geo.n_slices
+    shape_src = (int(first.Columns), int(first.Rows), n_out)
     ornt = nib.orientations.io_orientation(geo.affine)
     shape_out = tuple(int(shape_src[int(np.flatnonzero(ornt[:, 0] == ax)[0])]) for ax in range(3))
     out = np.empty(shape_out, dtype=np.int16, order="F")
     view = ras_view(out, ornt)
+    # irregular spacing: the acquired slices first, then interpolated onto the regular grid
+    buf = view if geo.zplan is None else np.empty((*shape_src[:2], geo.n_slices), np.int16, "F")
     bar = tqdm(
         total=len(geo.order), desc="convert slices", unit="slice", file=sys.stderr, mininterval=2
     )
-    for hidx, k in zip(geo.order, geo.slot, strict=True):
-        h = headers[hidx]
-        try:
-            view[:, :, k] = slice_hu(h, clip).T
-        except ConversionRefusedError as exc:
-            raise ConversionRefusedError(
-                exc.code, f"instance {h.radflow_index + 1} of {h.radflow_total}: {exc.args[0]}"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - refused, naming the instance by index only
-            raise _unreadable(h.radflow_index, h.radflow_total, exc, h.radflow_path) from None
+    for rank, hu in acquired_slices(headers, geo.order, clip):
+        buf[:, :, geo.slot[rank]] = hu.T
         bar.update()
     bar.close()
     for k in geo.missing:  # linear interpolation between the neighbouring acquired slices
         lo = max(s for s in geo.slot if s < k)
         hi = min(s for s in geo.slot if s > k)
-        w = (k - lo) / (hi - lo)
-        view[:, :, k] = np.rint(
-            (1 - w) * view[:, :, lo].astype(np.float32) + w * view[:, :, hi].astype(np.float32)
-        ).astype(np.int16)
+        _blend(view, k, view[:, :, lo], view[:, :, hi], (k - lo) / (hi - lo))
+    if geo.zplan is not None:
+        for k, (lo, w) in enumerate(zip(geo.zplan.lower, geo.zplan.weight, strict=True)):
+            _blend(view, k, buf[:, :, lo], buf[:, :, lo + 1], float(w))
     affine = geo.affine @ nib.orientations.inv_ornt_aff(ornt, shape_src)
     return out, affine
+
+
+def _blend(view: np.ndarray, k: int, a: np.ndarray, b: np.ndarray, w: float) -> None:
+    """``view[:, :, k]`` = (1 - w) a + w b, rounded to int16 (a copy when w is 0 or 1)."""
+    if w <= 1e-6:
+        view[:, :, k] = a
+    elif w >= 1 - 1e-6:
+        view[:, :, k] = b
+    else:
+        mix = a.astype(np.float32)
+        mix *= 1 - w
+        mix += w * b.astype(np.float32)
+        view[:, :, k] = np.rint(mix)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -420,20 +563,75 @@ def convert(
     series_uid: str | None = None,
     threads: int = 1,
     max_image_mb: float = dicomsafe.DEFAULT_MAX_IMAGE_MB,
+    input_spec: InputSpec | None = None,
 ) -> dict[str, Any]:
     """Convert one series to ``out_path`` (+ JSON sidecar); returns the sidecar content.
 
-    ``max_image_mb`` (config ``ingest.max_image_mb``) bounds what a header may claim: a file or
-    volume over it is refused (TOO_LARGE) before anything is allocated or decoded. Errors name
-    instances by their index in the file list, never by their (private) path.
+    ``input_spec`` (config ``input``) of format nifti: ``source`` is one NIfTI volume (or a
+    file list naming it) and ``radflow.nifti_input`` converts it. ``max_image_mb`` (config
+    ``ingest.max_image_mb``) bounds what a header may claim: a file or volume over it is
+    refused (TOO_LARGE) before anything is allocated or decoded. Errors name instances by
+    their index in the file list, never by their (private) path.
     """
+    if input_spec is not None and input_spec.format == "nifti":
+        sidecar = sidecar_path or _sidecar_name(out_path)
+        return _convert_nifti(
+            source, out_path, settings, input_spec, sidecar, case_id, series_id, threads,
+            max_image_mb,
+        )  # fmt: skip
+    return _convert_dicom(
+        source, out_path, settings, sidecar_path, case_id, series_id, salt, series_uid, threads,
+        max_image_mb,
+    )  # fmt: skip
+
+
+def _convert_nifti(
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: ConvertSettings,
+    spec: InputSpec,
+    sidecar_path: str | os.PathLike,
+    case_id: str,
+    series_id: str,
+    threads: int,
+    max_image_mb: float,
+) -> dict[str, Any]:
+    """One NIfTI volume: given itself, or as the one path of a file list (what ingest writes)."""
+    from radflow import nifti_input
+
+    name = Path(source).name
+    files = [str(source)] if name.endswith((".nii", ".nii.gz")) else list_source(source)
+    if len(files) != 1:
+        raise ConversionRefusedError(
+            "NIFTI_FILE_LIST", f"{len(files)} files listed: a NIfTI case is one volume"
+        )
+    return nifti_input.convert_nifti(
+        files[0], out_path, settings, spec, sidecar_path, case_id, series_id, threads,
+        max_image_mb,
+    )  # fmt: skip
+
+
+def _convert_dicom(
+    source: str | os.PathLike,
+    out_path: str | os.PathLike,
+    settings: ConvertSettings,
+    sidecar_path: str | os.PathLike | None,
+    case_id: str,
+    series_id: str,
+    salt: str,
+    series_uid: str | None,
+    threads: int,
+    max_image_mb: float,
+) -> dict[str, Any]:
+    """One DICOM series (see ``convert``)."""
     t0 = time.perf_counter()
     d2n = configure_dicom2nifti(settings)
     files = list_source(source, series_uid)
     headers = read_headers(files, series_uid, max_image_mb, skip_non_dicom=Path(source).is_dir())
     geo = stack_geometry(headers, settings)
     first = headers[geo.order[0]]
-    check_grid((first.Rows, first.Columns, geo.n_slices), max_image_mb, "int16 volume")
+    n_out = geo.zplan.n_slices if geo.zplan is not None else 0
+    check_grid((first.Rows, first.Columns, geo.n_slices + n_out), max_image_mb, "int16 volume")
     vol, affine = read_volume(headers, geo, settings.hu_clip)
     src_shape, src_affine = vol.shape, affine
     needs_grid = not geometry.is_axis_aligned(affine)
@@ -513,7 +711,9 @@ def _sidecar(
             "series_description": str(first.get("SeriesDescription", "")),
             "slice_thickness_mm": float(first.get("SliceThickness", 0) or 0),
             "kvp": float(first.get("KVP", 0) or 0),
-            "n_instances": len(headers),
+            "n_instances": len({h.radflow_index for h in headers}),
+            "n_slices": len(headers),
+            "multiframe": any(h.radflow_frame is not None for h in headers),
             "transfer_syntax": ts,
         },
         "settings": {"convert": asdict(settings), "dicom2nifti": d2n},
@@ -532,10 +732,30 @@ def _sidecar(
             "gantry_tilt_deg": round(geo.tilt_deg, 3),
             "tilt_corrected": bool(resampled and geo.tilt_deg > 0.5),
             "interpolated_slices": geo.missing,
+            "irregular_spacing": _irregular_record(geo),
             "instance_order": geo.instance_order,
             "hu_min": int(vol.min()),
             "hu_max": int(vol.max()),
         },
+    }
+
+
+def _irregular_record(geo: StackGeometry) -> dict[str, Any] | None:
+    """What was done to irregularly spaced slices (None for a regular stack)."""
+    if geo.zplan is None:
+        return None
+    pos = np.asarray(geo.positions_mm)
+    return {
+        "action": "resampled along the stack from the exact slice positions (linear)",
+        "source_slices": len(pos),
+        "source_extent_mm": round(float(pos[-1] - pos[0]), 4),
+        "source_min_gap_mm": round(geo.zplan.min_gap_mm, 4),
+        "source_max_gap_mm": round(geo.zplan.max_gap_mm, 4),
+        "source_positions_mm": [round(float(v - pos[0]), 4) for v in pos],
+        "output_slices": geo.zplan.n_slices,
+        "output_step_mm": round(geo.zplan.step_mm, 6),
+        "uncovered_output_slices": geo.zplan.missing,
+        "positions_off_line_mm": round(geo.line_deviation_mm, 4),
     }
 
 
@@ -554,6 +774,7 @@ def convert_case(
     series_id: str = "",
     threads: int = 1,
     max_image_mb: float | None = None,
+    input_spec: InputSpec | None = None,
 ) -> dict[str, Any]:
     """Convert one case of the workflow: like ``convert``, but a series that cannot be
     converted gets a failed record as its sidecar (stage, code, reason) instead of an error,
@@ -562,7 +783,15 @@ def convert_case(
     try:
         budget = {} if max_image_mb is None else {"max_image_mb": max_image_mb}
         return convert(
-            source, out_path, settings, sidecar_path, case_id, series_id, threads=threads, **budget
+            source,
+            out_path,
+            settings,
+            sidecar_path,
+            case_id,
+            series_id,
+            threads=threads,
+            input_spec=input_spec,
+            **budget,
         )
     except Exception as exc:  # noqa: BLE001 - any data error is this case's, recorded
         if status.is_environmental(exc):

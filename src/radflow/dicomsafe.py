@@ -211,6 +211,41 @@ def _read_deflated(fp: Any, meta: pydicom.Dataset, max_image_mb: float) -> Heade
     return Header(ds, DEFLATED, None, has, available)
 
 
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+NON_IMAGE_KINDS = ("DICOMDIR_INDEX", "NON_IMAGE_OBJECT")  # what ``non_image_reason`` starts with
+
+
+def sop_class_uid(ds: pydicom.Dataset) -> str:
+    """SOPClassUID, or the file meta's MediaStorageSOPClassUID where an anonymiser blanked it."""
+    uid = str(ds.get("SOPClassUID", "") or "").strip()
+    if not uid:
+        meta = getattr(ds, "file_meta", None)
+        uid = str(meta.get("MediaStorageSOPClassUID", "") or "").strip() if meta else ""
+    return uid
+
+
+def non_image_reason(ds: pydicom.Dataset, has_pixels: bool) -> str:
+    """Why a readable DICOM file is not an image instance ("" when it is one).
+
+    A DICOMDIR (a media index) is ``DICOMDIR_INDEX``; an object with neither a pixel matrix
+    (Rows) nor pixel data (structured reports, key object selections, presentation states, RT
+    structure sets and plans, raw data, encapsulated documents...) is ``NON_IMAGE_OBJECT``,
+    named by its SOP class. A file with Rows but no pixel data is an image that was cut short,
+    which is the caller's "truncated", not this.
+    """
+    uid = sop_class_uid(ds)
+    if uid == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        n = len(ds.get("DirectoryRecordSequence", None) or [])
+        return f"DICOMDIR_INDEX: a DICOMDIR media index ({n} directory records), not an image"
+    if has_pixels or _int(ds, "Rows", 0) > 0:
+        return ""
+    # header values only in forms that cannot carry free text (a UID's digits, a CS code)
+    name = pydicom.uid.UID(uid).name if re.fullmatch(r"[0-9.]{1,64}", uid) else "no SOP class"
+    modality = str(ds.get("Modality", "") or "").strip()
+    modality = modality if re.fullmatch(r"[A-Z0-9_]{1,16}", modality) else "?"
+    return f"NON_IMAGE_OBJECT: {name} (modality {modality}), no pixel data"
+
+
 _QUOTED_PATH = re.compile(r"""(['"])[^'"]*[/\\][^'"]*\1""")
 
 

@@ -156,3 +156,69 @@ def aligned_grid(
 def ras_spacing(affine: np.ndarray) -> np.ndarray:
     """Voxel sizes (mm) along each voxel axis."""
     return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+@dataclass(frozen=True)
+class StackResampling:
+    """A regular grid along the slice normal for irregularly spaced slices.
+
+    Output slice ``k`` lies at ``first + k * step_mm`` along the normal and is interpolated
+    linearly between the sorted acquired slices ``lower[k]`` and ``lower[k] + 1`` with weight
+    ``weight[k]`` on the upper one (the exact positions, never the nominal spacing).
+    """
+
+    step_mm: float
+    n_slices: int
+    lower: np.ndarray
+    weight: np.ndarray
+    missing: list[int]  # output slices that no acquired slice covers (beyond half a slab)
+    min_gap_mm: float
+    max_gap_mm: float
+
+
+def regular_stack(
+    positions: np.ndarray, thickness_mm: float = 0.0, rtol: float = 0.05, atol: float = 0.1
+) -> StackResampling:
+    """The regular grid (median step, spanning first to last slice) for sorted, distinct
+    ``positions`` along the normal, and each output slice's interpolation from them.
+
+    An output slice counts as missing when the nearest acquired slice is farther than half of
+    max(slice thickness, step) (with the tolerances of ``slice_spacing``): no acquired slab
+    covers it, so its values would be invented across a gap in the acquisition.
+    """
+    pos = np.asarray(positions, dtype=float)
+    if pos.size < 2 or np.any(np.diff(pos) <= 0):
+        raise ValueError("positions must be at least two, sorted and distinct")
+    steps = np.diff(pos)
+    step = float(np.median(steps))
+    extent = float(pos[-1] - pos[0])
+    n = int(round(extent / step)) + 1
+    out_step = extent / (n - 1)
+    t = pos[0] + np.arange(n) * out_step
+    t[-1] = pos[-1]
+    lower = np.clip(np.searchsorted(pos, t, side="right") - 1, 0, pos.size - 2)
+    weight = np.clip((t - pos[lower]) / steps[lower], 0.0, 1.0)
+    nearest = np.minimum(np.abs(t - pos[lower]), np.abs(pos[lower + 1] - t))
+    half = max(float(thickness_mm), step) / 2
+    missing = np.flatnonzero(nearest > half * (1 + rtol) + atol)
+    return StackResampling(
+        step_mm=out_step,
+        n_slices=n,
+        lower=lower,
+        weight=weight,
+        missing=[int(k) for k in missing],
+        min_gap_mm=float(steps.min()),
+        max_gap_mm=float(steps.max()),
+    )
+
+
+def line_deviation_mm(ipps: np.ndarray, positions: np.ndarray) -> float:
+    """How far (mm) slice positions stray from the straight line through the first and last
+    (sorted by ``positions`` along the normal): 0 for a straight, possibly tilted, stack."""
+    p = np.asarray(ipps, dtype=float).reshape(-1, 3)
+    s = np.asarray(positions, dtype=float)
+    if len(p) < 3 or s[-1] == s[0]:
+        return 0.0
+    frac = (s - s[0]) / (s[-1] - s[0])
+    line = p[0] + frac[:, None] * (p[-1] - p[0])
+    return float(np.linalg.norm(p - line, axis=1).max())

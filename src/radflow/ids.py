@@ -56,6 +56,8 @@ KEY_COLUMNS = (
     "SeriesInstanceUID",
 )
 
+OPTIONAL_KEYS = ("mask",)
+
 
 def case_keys_reader(id_map: str | os.PathLike | None):  # noqa: ANN201 - a closure
     """A function case_id -> the ids a path template may use, from the private id map.
@@ -82,15 +84,31 @@ def case_keys_reader(id_map: str | os.PathLike | None):  # noqa: ANN201 - a clos
 def _read_keys(id_map: str | os.PathLike) -> dict[str, dict[str, str]]:
     from radflow.io import read_id_map  # raw values: the Parquet, not the neutralised CSV
 
-    rows = read_id_map(id_map)[list(KEY_COLUMNS)].to_dict("records")
+    table = read_id_map(id_map)
+    # a NIfTI sheet's mask column (``{mask}``: segment.precomputed's default for a sheet)
+    cols = [*KEY_COLUMNS, *(c for c in OPTIONAL_KEYS if c in table.columns)]
+    rows = table[cols].to_dict("records")
     return {r["case_id"]: r for r in rows if r["case_id"]}
 
 
 def fill_template(template: str, keys: dict[str, str]) -> str:
-    """A path template with ``{case_id}``, ``{StudyInstanceUID}``... filled in."""
-    try:
-        return template.format(**keys)
-    except KeyError as exc:
+    """A path template with ``{case_id}``, ``{StudyInstanceUID}``... filled in.
+
+    A placeholder whose value is blank (a series whose UIDs an anonymiser blanked, grouped by
+    fallback keys) is refused: filled with nothing it would name another case's file.
+    """
+    import string
+
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    unknown = sorted(names - set(keys))
+    if unknown:
         raise ValueError(
-            f"unknown placeholder {exc} in a path template; known: {sorted(keys)}"
-        ) from None
+            f"unknown placeholder {{{unknown[0]}}} in a path template; known: {sorted(keys)}"
+        )
+    blank = sorted(n for n in names if keys[n] is None or str(keys[n]).strip() in ("", "nan"))
+    if blank:
+        raise ValueError(
+            f"the path template needs {{{blank[0]}}}, which this case does not have (blank "
+            "in its DICOM: the series was grouped by fallback keys); use {case_id} instead"
+        )
+    return template.format(**keys)

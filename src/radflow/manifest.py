@@ -142,13 +142,18 @@ def _order(subject: str, seed: int) -> str:
 
 
 def assign_splits(
-    subjects: pd.DataFrame, settings: SplitSettings, registry: pd.DataFrame | None = None
+    subjects: pd.DataFrame,
+    settings: SplitSettings,
+    registry: pd.DataFrame | None = None,
+    given: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Split and fold per subject (columns subject_id, label -> + split, fold).
 
-    Subjects already in ``registry`` keep their split and fold. The others are taken in a
-    seed-determined order and each goes to the split (then fold) that its label stratum is
-    furthest below target on, so the first run is exactly stratified and later runs stay close.
+    ``given`` (subject -> split: a NIfTI sheet's split column, e.g. a challenge's official
+    split) is honoured as it is, over the registry. Subjects already in ``registry`` keep
+    their split and fold. The others are taken in a seed-determined order and each goes to the
+    split (then fold) that its label stratum is furthest below target on, so the first run is
+    exactly stratified and later runs stay close.
     """
     subjects = subjects.drop_duplicates("subject_id")[["subject_id", "label"]]
     known = (
@@ -159,6 +164,11 @@ def assign_splits(
     out = subjects.merge(known, on="subject_id", how="left").reset_index(drop=True)
     out["split"] = out["split"].astype(object)
     out["fold"] = out["fold"].astype("Int64")
+    for i, subject in out["subject_id"].items():
+        split = (given or {}).get(subject)
+        if split and out.loc[i, "split"] != split:  # the official split; its fold anew
+            out.loc[i, "split"] = split
+            out.loc[i, "fold"] = pd.NA
     frac = settings.fractions()
     out["_order"] = [_order(s, settings.seed) for s in out["subject_id"]]
     for _label, idx in out.sort_values("_order").groupby("label", sort=True).groups.items():
@@ -282,7 +292,7 @@ def build(
     if cases.empty:
         raise ValueError("no usable labelled case: see manifests/excluded.csv")
     subjects = cases.groupby("subject_id", as_index=False)["label"].max()
-    assigned = assign_splits(subjects, settings, registry)
+    assigned = assign_splits(subjects, settings, registry, given_splits(inventory))
     cases = cases.merge(assigned[["subject_id", "split", "fold"]], on="subject_id")
     cases = cases[CASE_COLUMNS].sort_values(["split", "case_id"]).reset_index(drop=True)
     new_registry = assigned[["subject_id", "label", "split", "fold"]]
@@ -291,6 +301,17 @@ def build(
         new_registry = pd.concat([registry[new_registry.columns].loc[gone.index], new_registry])
     excl = pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
     return validate(cases), excl, new_registry.sort_values("subject_id")
+
+
+def given_splits(inventory: pd.DataFrame) -> dict[str, str]:
+    """subject -> split where the input gives one (a NIfTI sheet's split column; the sheet
+    was checked to give a subject one split), else nothing: splits are then assigned."""
+    if "split" not in inventory.columns:
+        return {}
+    rows = inventory[inventory["selected"]]
+    split = rows["split"].fillna("").astype(str)
+    given = rows.loc[split != "", "subject_id"]
+    return dict(zip(given, split[split != ""], strict=True))
 
 
 def datalist(cases: pd.DataFrame, base: str = "..") -> dict[str, Any]:

@@ -306,9 +306,15 @@ def segment(
             mask = None
             if precomputed:
                 mask = fill_template(precomputed, keys(case))
-                if not Path(mask).exists():
+                if not mask:  # a sheet row with an empty mask cell
                     raise status.CaseFailedError(
-                        "PRECOMPUTED_MISSING", "no precomputed mask at segment.precomputed's path"
+                        "PRECOMPUTED_MISSING", "no mask for this volume in the sheet's mask column"
+                    )
+                if not Path(mask).is_file():
+                    raise status.CaseFailedError(
+                        "PRECOMPUTED_MISSING",
+                        "no precomputed mask at the configured path (segment.precomputed, or "
+                        "the sheet's mask column)",
                     )
             info = segment_image(image, out, settings, names, mask, threads)
             info["input_sha256"] = digest

@@ -74,6 +74,29 @@ if workflow.is_main_process and not workflow.dryrun:
     runlock.take_over()
 
 
+# ---------------------------------------------------------------- the input
+
+
+def input_spec():
+    """(spec, location) of the cohort's input: a DICOM tree or a NIfTI sheet (radflow.source);
+    a NIfTI sheet is checked now (radflow.sheet), so a broken one stops the run at start.
+    """
+    from radflow.source import from_config
+
+    try:
+        spec, location = from_config(config)
+    except ValueError as exc:
+        raise WorkflowError(str(exc)) from None
+    if spec.format == "nifti" and os.path.exists(location):
+        from radflow.sheet import SheetError, read_sheet
+
+        try:
+            read_sheet(location, label_spec())
+        except SheetError as exc:
+            raise WorkflowError(str(exc)) from None
+    return spec, location
+
+
 # ---------------------------------------------------------------- the labels sheet
 
 
@@ -94,6 +117,7 @@ def validate_labels():
 
 
 validate_labels()
+INPUT, INPUT_LOCATION = input_spec()
 
 
 def label_inputs():

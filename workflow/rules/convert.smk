@@ -9,13 +9,7 @@ rule convert:
         # inventory is rewritten; the case's file list is what triggers a conversion
         inventory=ancient(paths.INVENTORY_CSV),
         files=case_filelist,
-        settings=settings_input(
-            "convert",
-            {
-                **without(config["convert"], "threads"),
-                "max_image_mb": config["ingest"]["max_image_mb"],
-            },
-        ),
+        settings=settings_input("convert", convert_settings_record()),
     output:
         sidecar=paths.SIDECAR,
     log:
@@ -31,9 +25,10 @@ rule convert:
         settings=as_json(without(config["convert"], "threads")),
         nifti=paths.NIFTI,
         max_mb=config["ingest"]["max_image_mb"],
+        input=as_json(INPUT.stage_settings()),
     shell:
         "radflow convert {input.files:q} {params.nifti:q} --sidecar {output.sidecar:q} "
-        "--settings {params.settings:q} --case-id {wildcards.case:q} "
+        "--settings {params.settings:q} --input {params.input:q} --case-id {wildcards.case:q} "
         "--inventory {input.inventory:q} --max-image-mb {params.max_mb:q} --record-failure "
         "--threads {threads} > {log:q} 2>&1"
 

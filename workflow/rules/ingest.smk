@@ -3,7 +3,8 @@ include: "helpers/ingest.smk"
 
 checkpoint ingest:
     input:
-        raw=config["raw_dir"],
+        # the DICOM tree, or the NIfTI cohort sheet (config input; common.smk)
+        raw=INPUT_LOCATION,
     output:
         csv=paths.INVENTORY_CSV,
         parquet=paths.INVENTORY_PARQUET,
@@ -28,7 +29,10 @@ checkpoint ingest:
         out=lambda wc, output: os.path.dirname(output.csv),
         private=lambda wc, output: os.path.dirname(output.id_map),
         max_mb=config["ingest"]["max_image_mb"],
+        input=as_json(INPUT.stage_settings()),
+        labels=as_json(ingest_labels()),
     shell:
         "radflow ingest {input.raw:q} {params.out:q} --private-dir {params.private:q} "
+        "--input {params.input:q} --labels {params.labels:q} "
         "--selection {params.selection:q} --max-image-mb {params.max_mb:q} "
         "--threads {threads} > {log:q} 2>&1"

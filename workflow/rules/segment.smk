@@ -16,7 +16,7 @@ rule segment:
         id_map=ancient(paths.ID_MAP_PARQUET),
         settings=settings_input(
             "segment",
-            {**segment_settings(), "precomputed": config["segment"]["precomputed"]},
+            {**segment_settings(), "precomputed": precomputed_template()},
         ),
     output:
         record=paths.SEG_GROUP,

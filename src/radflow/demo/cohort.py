@@ -172,6 +172,9 @@ class SeriesSpec:
     gantry_tilt_deg: float = 0.0
     noise_hu: float = 10.0
     file_ext: str = ".dcm"
+    # irregular spacing: each slice's offset (mm, along the normal) from the centre, overriding
+    # the regular ``thickness`` steps; n_slices must equal its length
+    offsets_mm: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -210,8 +213,13 @@ def stack_positions(spec: SeriesSpec) -> np.ndarray:
     dr, dc = spec.pixel_spacing
     centre = np.asarray(spec.center, dtype=float)
     half_plane = iop[:3] * dc * (spec.cols - 1) / 2 + iop[3:] * dr * (spec.rows - 1) / 2
-    k = np.arange(spec.n_slices) - (spec.n_slices - 1) / 2
-    return centre - half_plane + k[:, None] * spec.thickness * step_dir
+    if spec.offsets_mm is not None:
+        if len(spec.offsets_mm) != spec.n_slices:
+            raise ValueError("offsets_mm needs one offset per slice (n_slices)")
+        off = np.asarray(spec.offsets_mm, dtype=float)
+    else:
+        off = (np.arange(spec.n_slices) - (spec.n_slices - 1) / 2) * spec.thickness
+    return centre - half_plane + off[:, None] * step_dir
 
 
 def pixel_points(spec: SeriesSpec, ipp: np.ndarray, along_normal: float = 0.0) -> np.ndarray:

@@ -10,6 +10,7 @@ MANIFESTS = [
 # changing those must not rerun the manifest and everything after it).
 UPSTREAM = (
     "raw_dir",
+    "input",
     "labels",
     "ids",
     "ingest",

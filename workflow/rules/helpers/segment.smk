@@ -39,6 +39,15 @@ def group_priority(wildcards):
     return len(groups().get(wildcards.group, []))
 
 
+def precomputed_template():
+    """segment.precomputed, else (a NIfTI sheet) the sheet's mask column: ``{mask}`` is
+    filled from the private id map, which holds each case's mask path."""
+    template = config["segment"]["precomputed"]
+    if template is None and INPUT.format == "nifti":
+        return "{mask}"
+    return resolve_resource(template)
+
+
 def segment_options():
     """The precomputed backend's template, filled per case in the job from the private id map
     (the template may name raw UIDs: never resolved into a path Snakemake records)."""
@@ -47,7 +56,7 @@ def segment_options():
         return ""
     text = " ".join(
         [
-            opt("--precomputed", resolve_resource(seg["precomputed"])),
+            opt("--precomputed", precomputed_template()),
             opt("--id-map", paths.ID_MAP_PARQUET),
         ]
     )
