@@ -9,7 +9,7 @@ DEMO_DIR := data/demo
 DEMO_STAMP := $(DEMO_DIR)/.complete
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo demo-data workflow test test-slurm lint format dag clean
+.PHONY: install demo demo-data workflow test test-slurm lint format dag clean niivue
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ test: $(STAMP) lint
 # root on a throwaway Debian 12 machine only; see README "Testing cluster changes".
 test-slurm: $(STAMP)
 	bash ci/slurm-test.sh
+
+# Refresh the vendored NiiVue build of the review page from the pin in web/package-lock.json
+# (needs npm and the registry; the page itself never loads anything from the network).
+niivue:
+	cd web && npm ci --ignore-scripts --no-audit --no-fund
+	cp web/node_modules/@niivue/niivue/dist/niivue.umd.js src/radflow/viewer/niivue.umd.js
 
 dag: $(STAMP)
 	$(BIN)/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg

@@ -2,6 +2,7 @@
 scale bench and its peer, segmentation batch priority, model reuse."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,39 @@ def test_model_reuse_bench_runs():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert re.search(r"after the first: fresh [\d.]+ s, kept [\d.]+ s", out.stdout), out.stdout
     assert re.search(r"checkpoint \d+ MiB, [\d.]+ M parameters", out.stdout), out.stdout
+
+
+def test_review_page_bench_opens_a_small_page(tmp_path):
+    """The review-page bench writes a page and times it in headless Chromium (skips without)."""
+    import os
+    import shutil
+
+    exe = os.environ.get("RADFLOW_CHROMIUM") or shutil.which("chromium")
+    if exe is None:
+        import pytest
+
+        if os.environ.get("CI"):
+            pytest.fail("chromium missing; CI must install it")
+        pytest.skip("the review-page bench needs chromium")
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "review_page.py"),
+            "--cases",
+            "3",
+            "--size",
+            "16",
+            "--repeats",
+            "1",
+            "--chromium",
+            exe,
+            "--results",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "wrote a page of 3 cases" in out.stdout
+    assert re.search(r"median over 1 opens: dom [0-9.]+ s, first case drawn [0-9.]+ s", out.stdout)

@@ -213,3 +213,92 @@ def test_read_prediction_takes_threshold_from_metrics(tmp_path):
     assert p == {"probability": 0.2, "prediction": 0, "label": 0, "split": "val", "threshold": 0.42}
     with pytest.raises(KeyError):
         explain.read_prediction(tmp_path / "p.csv", None, "case-z")
+
+
+def _report_inputs(tmp_path, cid, ct_aff, m_aff):
+    """A project folder with one explained case laid out as the workflow writes it."""
+    import shutil
+
+    from radflow import paths
+
+    for src, tpl in (("ct.nii.gz", paths.NIFTI), ("roi.nii.gz", paths.ROI)):
+        dst = tmp_path / paths.for_case(tpl, cid)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / src, dst)
+    out = tmp_path / "results/explain"
+    cam = np.zeros((40, 36, 30), np.float32)
+    cam[25, 10, 12] = 1.0
+    save_nifti(cam, ct_aff, out / f"{cid}_cam_ct.nii.gz")
+    info = {
+        "case_id": cid,
+        "group": "TP",
+        "probability": 0.9,
+        "prediction": 1,
+        "label": 1,
+        "split": "test",
+        "threshold": 0.5,
+        "method": "gradcam",
+        "target_layer": "layer4",
+        "raw_max": 1.0,
+        "mass_in_roi": 0.7,
+        "randomised_model": {"pearson": 0.1, "spearman": 0.1},
+        "hu_window": [-40.0, 160.0],
+        "pointing_hit": True,
+        "mass_in_lesion": 0.5,
+        "lesion_fraction_of_roi": 0.05,
+    }
+    (out / f"{cid}.json").write_text(json.dumps(info))
+    return out / f"{cid}.json"
+
+
+def test_report_page_shows_the_case_on_its_ct_with_roi_and_lesion(tmp_path, capsys):
+    """The review page carries the converted CT's grid and voxels, the uncropped CAM, the ROI put
+    on the CT grid and the lesion; a case whose CAM on the CT is missing is left off, with a
+    one-line reason, and the others are shown."""
+    import base64
+    import gzip
+    import re
+
+    from radflow.viewer import case_file
+
+    ct_aff, m_aff = _case(tmp_path)
+    lesion = np.zeros((16, 16, 16), np.uint8)
+    lesion[6:9, 6:9, 6:9] = 1
+    save_nifti(lesion, m_aff, tmp_path / "lesion.nii.gz")
+    good = _report_inputs(tmp_path, "case-00000000000a", ct_aff, m_aff)
+    bad = _report_inputs(tmp_path, "case-00000000000b", ct_aff, m_aff)
+    (bad.parent / "case-00000000000b_cam_ct.nii.gz").unlink()
+    out = good.parent
+    explain.report(
+        [good, bad], out, root=tmp_path, lesions={"case-00000000000a": tmp_path / "lesion.nii.gz"}
+    )
+    assert "case-00000000000b left off: FileNotFoundError" in capsys.readouterr().err
+    text = (out / "index.html").read_text()
+    data = json.loads(re.search(r'id="radflow-data">(.*?)</script>', text, re.S).group(1))
+    assert [c["id"] for c in data["cases"]] == ["case-00000000000a"]
+    assert data["meta"]["cases left off (see the log)"] == 1
+    rec = data["cases"][0]
+    assert rec["shape"] == [40, 36, 30] and rec["spacing"] == [2.0, 2.0, 3.0]
+    assert rec["peak"] == [25, 10, 12] and rec["lesion"] is True
+    assert rec["window"] == [-40.0, 160.0]
+    payload = json.loads(
+        re.fullmatch(r"radflowCase\(0,(.*)\);\n", (out / case_file(0)).read_text(), re.S).group(1)
+    )
+    vols = {
+        k: nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(payload[k])))
+        for k in ("ct", "cam", "roi", "lesion")
+    }
+    ct = nib.load(tmp_path / "results/nifti/case-00000000000a.nii.gz")
+    for k, img in vols.items():
+        assert img.shape == ct.shape and np.allclose(img.affine, ct.affine), k
+    assert np.array_equal(np.asanyarray(vols["ct"].dataobj), np.asanyarray(ct.dataobj))
+    # ROI and lesion land where they are in the world: their centres agree with the crop grid's
+    for k, box in (("roi", (3, 13)), ("lesion", (6, 9))):
+        on_ct = np.argwhere(np.asanyarray(vols[k].dataobj) > 0)
+        assert on_ct.size, k
+        world = ct_aff[:3, :3] @ on_ct.mean(0) + ct_aff[:3, 3]
+        centre = m_aff[:3, :3] @ np.full(3, (box[0] + box[1] - 1) / 2) + m_aff[:3, 3]
+        assert np.abs(world - centre).max() < 2.0, k
+    # the page names cases by pseudonym only: no folder of the project reaches it
+    for f in [out / "index.html", out / case_file(0)]:
+        assert str(tmp_path) not in f.read_text()

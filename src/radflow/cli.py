@@ -540,6 +540,8 @@ def _add_explain_report(sub: Sub) -> None:
     xr.add_argument("case_jsons", nargs="*", help="per-case explain JSON files")
     xr.add_argument("--root", default=".")
     xr.add_argument("--metrics", default=None)
+    xr.add_argument("--lesion-template", default=None, help="lesion mask path template")
+    xr.add_argument("--id-map", default=None, help="private id map (template keys)")
     xr.set_defaults(func=cmd_explain_report)
 
 
@@ -547,7 +549,11 @@ def cmd_explain_report(args: argparse.Namespace) -> int:
     """Faithfulness summary and the offline review page over the explained cases."""
     from radflow import explain
 
-    s = explain.report(args.case_jsons, args.out_dir, root=args.root, metrics=args.metrics)
+    ids = [os.path.basename(p).removesuffix(".json") for p in args.case_jsons]
+    lesions = explain.lesion_paths(ids, args.lesion_template, args.id_map, args.root)
+    s = explain.report(
+        args.case_jsons, args.out_dir, root=args.root, metrics=args.metrics, lesions=lesions
+    )
     pg = s["pointing_game"]
     print(
         f"pointing game {pg['hits']}/{pg['n']} true positives; {s['n_cases']} cases in the viewer"

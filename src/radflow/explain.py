@@ -292,7 +292,8 @@ def explain(
     """Explain every case of ``splits`` (model loaded once), then write the cohort outputs.
 
     ``lesion_template`` (placeholders as in ``qc.reference``) is filled per case from the
-    private ``id_map``; a missing lesion file leaves that case without faithfulness numbers.
+    private ``id_map``; a missing lesion file leaves that case without faithfulness numbers and
+    without a lesion outline on the review page.
     """
     import sys
 
@@ -305,24 +306,13 @@ def explain(
     root = Path(root)
     cases = manifest.read(manifest_path)
     cases = cases[cases["split"].isin(list(splits))].sort_values("case_id")
-    keys = None
-    if lesion_template:
-        if id_map is None:
-            raise ValueError("explain.lesion_reference needs the private id map (--id-map)")
-        keys = case_keys_reader(id_map)
+    lesions = lesion_paths(list(cases["case_id"]), lesion_template, id_map, root)
     preds = read_predictions(predictions, metrics)
     models = load_models(checkpoint, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsons = []
     for r in tqdm(list(cases.itertuples()), desc="explain", file=sys.stderr, mininterval=5):
-        lesion = None
-        if keys is not None:
-            try:
-                path = root / fill_template(lesion_template, keys(r.case_id))
-            except KeyError:  # a case the id map does not know: no faithfulness numbers
-                path = None
-            lesion = path if path is not None and path.exists() else None
         explain_case(
             models,
             root / r.masked,
@@ -332,10 +322,10 @@ def explain(
             r.case_id,
             settings,
             prediction=prediction_of(preds, r.case_id, predictions),
-            lesion_path=lesion,
+            lesion_path=lesions.get(r.case_id),
         )
         jsons.append(out / f"{r.case_id}.json")
-    return report(jsons, out, root=root, metrics=metrics)
+    return report(jsons, out, root=root, metrics=metrics, lesions=lesions)
 
 
 def outcome(label: Any, prediction: Any) -> str:
@@ -504,18 +494,40 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
     }
 
 
-def viewer_case(info: dict[str, Any], masked: Path, roi: Path, cam: Path) -> Any:
-    """A review-page case from the per-case JSON and volumes (CT in the model's window)."""
+def viewer_case(
+    info: dict[str, Any],
+    ct_path: Path,
+    roi_path: Path,
+    cam_ct_path: Path,
+    lesion_path: Path | None = None,
+) -> Any:
+    """A review-page case on the converted CT's own grid, from the per-case JSON and volumes.
+
+    The CT is shown in HU with the model's window; the CAM is ``{case}_cam_ct.nii.gz`` (already
+    on the CT grid); the ROI (model grid) is resampled linearly and cut at 0.5, the lesion mask
+    (any grid) by nearest neighbour, both through world coordinates.
+    """
+    from radflow.qc import to_grid
+    from radflow.resampling import resample
     from radflow.viewer import ViewerCase
 
-    img = nib.load(str(masked))
-    spec = inputs.InputSpec(
-        ("image",),
-        tuple(info.get("hu_window") or inputs.HU_WINDOW),  # type: ignore[arg-type]
-        info.get("intensity_rule", "hu_window"),
-    )
-    ct = (spec.scale("image", np.asanyarray(img.dataobj)) * 255.0).astype(np.uint8)
-    c = np.asanyarray(nib.load(str(cam)).dataobj).astype(np.float32)
+    ct = nib.load(str(ct_path))
+    shape = ct.shape[:3]
+    hu = np.asanyarray(ct.dataobj)
+    if not np.issubdtype(hu.dtype, np.integer):
+        hu = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+    cam_img = nib.load(str(cam_ct_path))
+    if cam_img.shape[:3] != shape or not np.allclose(cam_img.affine, ct.affine, atol=1e-3):
+        raise ValueError(f"{cam_ct_path.name} is not on the grid of the converted CT")
+    cam = np.asanyarray(cam_img.dataobj).astype(np.float32)
+    roi_img = nib.load(str(roi_path))
+    roi_src = (np.asanyarray(roi_img.dataobj) > 0).astype(np.float32)
+    roi = resample(roi_src, roi_img.affine, ct.affine, shape, order=1, fill=0.0, dtype=np.float32)
+    lesion = None
+    if lesion_path is not None:
+        les_img = nib.load(str(lesion_path))
+        les = (np.asanyarray(les_img.dataobj) > 0).astype(np.uint8)
+        lesion = to_grid(les, les_img.affine, ct.affine, shape) > 0
     numbers: dict[str, float | int | str] = {
         "raw CAM max": round(info["raw_max"], 4),
         "CAM mass in ROI": round(info["mass_in_roi"], 3),
@@ -534,12 +546,40 @@ def viewer_case(info: dict[str, Any], masked: Path, roi: Path, cam: Path) -> Any
         split=str(info["split"]),
         threshold=float(info["threshold"]) if info.get("threshold") is not None else 0.5,
         numbers=numbers,
-        ct=ct,
-        cam=np.clip(np.rint(c * 255), 0, 255).astype(np.uint8),
-        roi=np.asanyarray(nib.load(str(roi)).dataobj) > 0,
-        spacing=tuple(float(v) for v in geometry.ras_spacing(img.affine)),  # type: ignore[arg-type]
-        peak=tuple(info["peak_vox"]),  # type: ignore[arg-type]
+        ct=hu,
+        cam=cam,
+        roi=roi >= 0.5,
+        affine=ct.affine,
+        window=tuple(info.get("hu_window") or inputs.HU_WINDOW),  # type: ignore[arg-type]
+        peak=peak_index(cam),
+        lesion=lesion,
     )
+
+
+def lesion_paths(
+    case_ids: Sequence[str],
+    template: str | None,
+    id_map: str | os.PathLike | None,
+    root: str | os.PathLike = ".",
+) -> dict[str, Path]:
+    """case_id -> its lesion mask (``template`` filled from the private id map), where it exists.
+
+    A case the id map does not know, or whose file is missing, has no entry.
+    """
+    if not template:
+        return {}
+    if id_map is None:
+        raise ValueError("explain.lesion_reference needs the private id map (--id-map)")
+    keys = case_keys_reader(id_map)
+    out = {}
+    for cid in case_ids:
+        try:
+            path = Path(root) / fill_template(template, keys(cid))
+        except KeyError:
+            continue
+        if path.exists():
+            out[cid] = path
+    return out
 
 
 def report(
@@ -547,27 +587,43 @@ def report(
     out_dir: str | os.PathLike,
     root: str | os.PathLike = ".",
     metrics: str | os.PathLike | None = None,
+    lesions: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Cohort outputs: ``faithfulness.json``, ``faithfulness.png`` and the review ``index.html``."""
+    """Cohort outputs: ``faithfulness.json``, ``faithfulness.png`` and the review ``index.html``.
+
+    The review page shows each case on its converted CT (``radflow.viewer``) with the lesion
+    outline from ``lesions`` (case_id -> mask path) where given. A case whose volumes cannot be
+    read is left off the page with a one-line reason on stderr; the others are shown.
+    """
+    import sys
+
     from radflow.viewer import write_viewer
 
     out, root = Path(out_dir), Path(root)
+    lesions = lesions or {}
     infos = [json.loads(Path(p).read_text()) for p in case_jsons]
     summary = summarise(infos)
     write_json(out / "faithfulness.json", summary)
     faithfulness_png(summary, out / "faithfulness.png")
-    cases = []
+    cases, left_off = [], 0
     for info, p in zip(infos, case_jsons, strict=True):
         cid = info["case_id"]
-        cases.append(
-            viewer_case(
-                info,
-                root / paths.for_case(paths.MASKED, cid),
-                root / paths.for_case(paths.ROI, cid),
-                Path(p).with_name(f"{cid}_cam.nii.gz"),
+        try:
+            cases.append(
+                viewer_case(
+                    info,
+                    root / paths.for_case(paths.NIFTI, cid),
+                    root / paths.for_case(paths.ROI, cid),
+                    Path(p).with_name(f"{cid}_cam_ct.nii.gz"),
+                    lesions.get(cid),
+                )
             )
-        )
+        except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+            left_off += 1
+            print(f"review page: {cid} left off: {type(err).__name__}: {err}", file=sys.stderr)
     meta: dict[str, Any] = {"cases": len(cases)}
+    if left_off:
+        meta["cases left off (see the log)"] = left_off
     if infos:
         meta["method"] = infos[0]["method"]
         meta["target layer"] = infos[0]["target_layer"]

@@ -1,31 +1,36 @@
-"""Grad-CAM review viewer: one self-contained, offline HTML page for a radiologist.
+"""Grad-CAM review viewer: an offline HTML page over the CT, drawn with NiiVue (WebGL).
 
-``write_viewer(cases, out_html)`` writes a single file that opens from a ``file://`` URL with no
-network and no other file: a case list grouped by outcome (TP, FP, FN, TN, unlabelled; most
-confident first), and for the chosen case axial, coronal and sagittal views of the windowed CT
-with the Grad-CAM overlay and the ROI outline, in radiological convention (patient's right on
-screen left) with the physical aspect ratio from the voxel spacing.
+``write_viewer(cases, out_html)`` writes, in the folder of ``out_html``:
 
-Each case's three volumes are stored as one gzip stream in base64, in a ``<script>`` element of
-their own, and decoded with the browser's ``DecompressionStream`` only when the case is first
-shown, so a page with hundreds of small cases stays a few megabytes and opens at once.
+* ``out_html``: the page -- a case list grouped by outcome (TP, FP, FN, TN, unlabelled; most
+  confident first) with a triage filter, and for the chosen case NiiVue's axial, coronal and
+  sagittal views of the CT at its own resolution in radiological convention, the CAM overlay
+  (toggle, opacity, threshold), the ROI outline and, where known, the lesion outline;
+* ``niivue.umd.js``: NiiVue, vendored in this package (``NIIVUE_VERSION``, pinned by
+  ``web/package.json``; ``make niivue`` refreshes it);
+* ``review/case-NNNN.js``: one script per case holding its volumes as gzipped NIfTI-1 in base64,
+  loaded with a ``<script>`` element only when the case is first shown, so a page of hundreds of
+  cases opens at once.
 
-Volumes are RAS+ voxel arrays of shape (X, Y, Z): axis 0 increases toward the patient's right,
-axis 1 toward anterior, axis 2 toward superior.
+Everything is a classic script referenced by a relative path and every volume is inline data,
+so the page opens from a ``file://`` URL with no network and no server (Chromium blocks ES
+modules and ``fetch()`` of local files there; it does not block classic scripts).
 
-The page is three files of this package, read with ``importlib.resources`` and inlined when a page
-is written: ``page.html`` (the markup, with ``{{name}}`` placeholders, see ``PLACEHOLDERS``),
-``review.css`` (its styles) and ``review.js`` (the viewer).
+Volumes are RAS+ voxel arrays of shape (X, Y, Z) on one ``affine``; the NIfTI files written for
+the page carry only that geometry and the voxels (a fresh header: no description, no file name).
+
+The page template is three files of this package, read with ``importlib.resources``:
+``page.html`` (markup with ``{{name}}`` placeholders, see ``PLACEHOLDERS``), ``review.css`` and
+``review.js`` (inlined when a page is written).
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
 import html
 import json
 import math
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -35,21 +40,25 @@ from typing import Any
 import numpy as np
 
 from radflow.io import atomic_path
+from radflow.viewer.encode import nifti_base64
 
 GROUPS = ("TP", "FP", "FN", "TN", "unlabelled")
-GZIP_LEVEL = 6  # on noisy 64³ CT + CAM + ROI, level 9 saves < 1 % at twice the time
+NIIVUE_JS = "niivue.umd.js"  # beside the page; the vendored NiiVue UMD build
+NIIVUE_VERSION = "0.69.0"  # = web/package.json (a test checks both and the file)
+CASE_DIR = "review"  # per-case data scripts, beside the page
+_CASE_FILE = re.compile(r"case-\d{4,}\.js")
 
 # The placeholders of page.html, each used once. A block placeholder stands alone on its line and
-# that whole line is replaced by text ending in a newline (or by nothing); the others are inline.
-INLINE_PLACEHOLDERS = ("title", "heading", "data")  # page title, <h1> text, the JSON description
-BLOCK_PLACEHOLDERS = ("styles", "volumes", "script")  # review.css, one <script> per case, review.js
+# that whole line is replaced by text ending in a newline; the others are inline.
+INLINE_PLACEHOLDERS = ("title", "heading", "data", "niivue")  # niivue: the script's file name
+BLOCK_PLACEHOLDERS = ("styles", "script")  # review.css, review.js
 PLACEHOLDERS = INLINE_PLACEHOLDERS + BLOCK_PLACEHOLDERS
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 @dataclass
 class ViewerCase:
-    """One case of the review page: outcome, numbers and three (X, Y, Z) uint8 volumes (RAS+)."""
+    """One case of the review page: outcome, numbers and its volumes on the CT's grid (RAS+)."""
 
     case_id: str
     group: str  # "TP", "FP", "FN", "TN" or "unlabelled"
@@ -59,11 +68,13 @@ class ViewerCase:
     split: str
     threshold: float
     numbers: dict[str, float | int | str]  # extra numbers shown with the case
-    ct: np.ndarray  # uint8 (X, Y, Z), windowed to 0..255
-    cam: np.ndarray  # uint8 (X, Y, Z), CAM normalised per case to 0..255
-    roi: np.ndarray  # bool or integer (X, Y, Z) organ mask
-    spacing: tuple[float, float, float]  # mm along X, Y, Z
+    ct: np.ndarray  # (X, Y, Z) HU, integer
+    cam: np.ndarray  # (X, Y, Z) CAM in [0, 1] (stored to 1/255)
+    roi: np.ndarray  # (X, Y, Z) organ mask (bool or integer)
+    affine: np.ndarray  # 4x4 voxel -> world (mm, RAS+) of all the volumes
+    window: tuple[float, float]  # HU shown black .. white
     peak: tuple[int, int, int]  # voxel index of the CAM peak: the slices shown first
+    lesion: np.ndarray | None = None  # (X, Y, Z) reference lesion mask, where known
 
 
 def confidence(case: ViewerCase) -> float:
@@ -77,40 +88,59 @@ def order_cases(cases: Sequence[ViewerCase]) -> list[ViewerCase]:
     return sorted(cases, key=lambda c: (GROUPS.index(c.group), -confidence(c), c.case_id))
 
 
+def case_file(index: int) -> str:
+    """The data script of the case at ``index`` of the page, relative to the page."""
+    return f"{CASE_DIR}/case-{index:04d}.js"
+
+
 def write_viewer(
     cases: list[ViewerCase],
     out_html: Path,
     title: str = "radflow Grad-CAM review",
     meta: dict | None = None,
 ) -> None:
-    """Write the self-contained Grad-CAM review page for ``cases`` to ``out_html`` atomically.
+    """Write the Grad-CAM review page for ``cases`` to ``out_html`` with its scripts beside it.
 
-    ``meta`` (model name, metrics, ...) is shown in the page header. Raises ``ValueError`` for an
-    unknown group, a duplicate case id, volumes of different shapes or a peak outside them.
+    Each file is written atomically; data scripts of an earlier page that this one does not use
+    are removed. ``meta`` (model name, metrics, ...) is shown in the page header. Raises
+    ``ValueError`` for an unknown group, a duplicate case id, volumes of different shapes, a bad
+    affine or window, or a peak outside the volume.
     """
+    out_html = Path(out_html)
     _check_unique([c.case_id for c in cases])
     ordered = order_cases([_checked(c) for c in cases])
-    records = [_record(i, c) for i, c in enumerate(ordered)]
-    data = {"cases": records, "meta": _jsonable(meta or {}), "groups": list(GROUPS)}
+    folder = out_html.parent
+    written = set()
+    for i, case in enumerate(ordered):
+        path = folder / case_file(i)
+        with atomic_path(path) as tmp:
+            tmp.write_text(_case_script(i, case), encoding="ascii")
+        written.add(path.name)
+    stale = folder / CASE_DIR
+    if stale.is_dir():
+        for p in stale.iterdir():
+            if _CASE_FILE.fullmatch(p.name) and p.name not in written:
+                p.unlink()
+    with resources.as_file(resources.files(__name__).joinpath(NIIVUE_JS)) as src:
+        with atomic_path(folder / NIIVUE_JS) as tmp:
+            shutil.copyfile(src, tmp)
+    data = {
+        "cases": [_record(i, c) for i, c in enumerate(ordered)],
+        "meta": _jsonable(meta or {}),
+        "groups": list(GROUPS),
+    }
     fill = {
         "title": html.escape(title),
         "heading": html.escape(title),
         "data": _script_json(data),
+        "niivue": NIIVUE_JS,
         "styles": _asset("review.css"),
         "script": _asset("review.js"),
     }
     parts = _page_parts()
-    with atomic_path(out_html) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for k, part in enumerate(parts):
-            if k % 2 == 0:  # text of page.html
-                fh.write(part)
-            elif part == "volumes":  # streamed: one gzip+base64 <script> element per case
-                for i, case in enumerate(ordered):
-                    fh.write(f'<script type="application/octet-stream" id="vol-{i}">')
-                    fh.write(_encode_volumes(case))
-                    fh.write("</script>\n")
-            else:
-                fh.write(fill[part])
+    text = "".join(part if k % 2 == 0 else fill[part] for k, part in enumerate(parts))
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _asset(name: str) -> str:
@@ -150,17 +180,20 @@ def _checked(case: ViewerCase) -> ViewerCase:
     if case.group not in GROUPS:
         raise ValueError(f"{where}: group {case.group!r} is not one of {GROUPS}")
     shape = np.shape(case.ct)
-    if len(shape) != 3 or np.shape(case.cam) != shape or np.shape(case.roi) != shape:
-        raise ValueError(
-            f"{where}: ct, cam and roi must be 3D of one shape, got "
-            f"{np.shape(case.ct)}, {np.shape(case.cam)}, {np.shape(case.roi)}"
-        )
-    for name in ("ct", "cam"):
-        dtype = np.asarray(getattr(case, name)).dtype
-        if dtype != np.uint8:
-            raise ValueError(f"{where}: {name} must be uint8 (0..255), got {dtype}")
-    if len(case.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in case.spacing):
-        raise ValueError(f"{where}: spacing must be three positive mm values: {case.spacing}")
+    others = {"cam": case.cam, "roi": case.roi}
+    if case.lesion is not None:
+        others["lesion"] = case.lesion
+    if len(shape) != 3 or any(np.shape(v) != shape for v in others.values()):
+        got = ", ".join(f"{k} {np.shape(v)}" for k, v in {"ct": case.ct, **others}.items())
+        raise ValueError(f"{where}: ct, cam, roi (and lesion) must be 3D of one shape, got {got}")
+    if not np.issubdtype(np.asarray(case.ct).dtype, np.integer):
+        raise ValueError(f"{where}: ct must hold integer HU, got {np.asarray(case.ct).dtype}")
+    aff = np.asarray(case.affine, dtype=float)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) == 0:
+        raise ValueError(f"{where}: affine must be a finite, invertible 4x4 matrix")
+    lo, hi = (float(v) for v in case.window)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{where}: window must be two finite HU values, low < high: {case.window}")
     peak = tuple(int(p) for p in case.peak)
     if len(peak) != 3 or not all(0 <= p < n for p, n in zip(peak, shape, strict=True)):
         raise ValueError(f"{where}: peak {case.peak} lies outside the volume {shape}")
@@ -168,10 +201,12 @@ def _checked(case: ViewerCase) -> ViewerCase:
 
 
 def _record(index: int, case: ViewerCase) -> dict[str, Any]:
-    """The JSON description of a case (its volumes go in script element ``vol-<index>``)."""
+    """The JSON description of a case (its volumes are in ``case_file(index)``)."""
+    aff = np.asarray(case.affine, dtype=float)
     return {
         "index": index,
         "id": str(case.case_id),
+        "file": case_file(index),
         "group": case.group,
         "probability": _jsonable(float(case.probability)),
         "confidence": _jsonable(confidence(case)),
@@ -181,19 +216,26 @@ def _record(index: int, case: ViewerCase) -> dict[str, Any]:
         "threshold": _jsonable(float(case.threshold)),
         "numbers": _jsonable(dict(case.numbers)),
         "shape": [int(n) for n in np.shape(case.ct)],
-        "spacing": [float(s) for s in case.spacing],
+        "spacing": [round(float(s), 4) for s in np.linalg.norm(aff[:3, :3], axis=0)],
+        "window": [float(v) for v in case.window],
         "peak": [int(p) for p in case.peak],
+        "lesion": case.lesion is not None,
     }
 
 
-def _encode_volumes(case: ViewerCase) -> str:
-    """CT, CAM and ROI (0/1), each uint8 in C order of (X, Y, Z), concatenated, gzip, base64."""
-    ct = np.ascontiguousarray(case.ct, dtype=np.uint8)
-    cam = np.ascontiguousarray(case.cam, dtype=np.uint8)
-    roi = np.ascontiguousarray(np.asarray(case.roi) != 0, dtype=np.uint8)
-    raw = ct.tobytes() + cam.tobytes() + roi.tobytes()
-    packed = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
-    return base64.b64encode(packed).decode("ascii")
+def _case_script(index: int, case: ViewerCase) -> str:
+    """The data script of one case: ``radflowCase(index, {id, ct, cam, roi, lesion})``."""
+    aff = np.asarray(case.affine, dtype=float)
+    vols = {
+        "id": str(case.case_id),
+        "ct": nifti_base64(np.asarray(case.ct), aff, kind="ct"),
+        "cam": nifti_base64(np.asarray(case.cam), aff, kind="cam"),
+        "roi": nifti_base64(np.asarray(case.roi), aff, kind="label"),
+        "lesion": None
+        if case.lesion is None
+        else nifti_base64(np.asarray(case.lesion), aff, kind="label"),
+    }
+    return f"radflowCase({index},{_script_json(vols)});\n"
 
 
 def _jsonable(value: Any) -> Any:

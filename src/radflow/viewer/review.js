@@ -6,60 +6,27 @@ const GROUP_NAMES = {TP: "True positive", FP: "False positive", FN: "False negat
   TN: "True negative", unlabelled: "Unlabelled"};
 const GROUP_COLOURS = {TP: "var(--tp)", FP: "var(--fp)", FN: "var(--fn)", TN: "var(--tn)",
   unlabelled: "var(--unlabelled)"};
-// A view shows the plane through pos[fixed]; screen x runs along axis h, screen y along axis v.
-// Both run against the RAS+ axes: patient's right / anterior / superior sit left / up.
-const VIEWS = {
-  axial: {fixed: 2, h: 0, v: 1, name: "z"},
-  coronal: {fixed: 1, h: 0, v: 2, name: "y"},
-  sagittal: {fixed: 0, h: 1, v: 2, name: "x"},
-};
-const CACHE_MAX = 24;
-const cache = new Map();
+// A slider moves the slice of one plane: the RAS+ voxel axis that the plane holds fixed.
+const PLANES = {axial: {axis: 2, name: "z"}, coronal: {axis: 1, name: "y"},
+  sagittal: {axis: 0, name: "x"}};
+// Outline colours of the label layers: label 0 nothing, label 1 the colour (interior clear).
+const OUTLINE = {roi: [255, 79, 216], lesion: [255, 255, 255]};
+const CACHE_MAX = 6;  // cases whose data scripts stay decoded in memory
 const $ = (id) => document.getElementById(id);
-const state = {index: -1, vol: null, pos: [0, 0, 0], token: 0, scale: 1};
+const state = {index: -1, token: 0, layers: null, vox: [0, 0, 0]};
 let readyResolve;
 const api = {
   ready: new Promise((resolve) => { readyResolve = resolve; }),
   currentCase: null,
   renderCount: 0,
   state: state,
+  nv: null,
+  // ms since navigation: this script started (NiiVue parsed), WebGL ready, first case drawn,
+  // and the case list drawn (the page usable)
+  timings: {script: performance.now(), list: null, webgl: null, first: null},
   select: (caseId) => select(CASES.findIndex((c) => c.id === caseId)),
 };
 window.radflowViewer = api;
-
-// ---------- colour map (jet) with a transparent low end ----------
-const LUT = new Float32Array(256 * 3);
-for (let i = 0; i < 256; i++) {
-  const t = i / 255;
-  const f = (x) => Math.min(1, Math.max(0, 1.5 - Math.abs(4 * t - x)));
-  LUT[3 * i] = 255 * f(3); LUT[3 * i + 1] = 255 * f(2); LUT[3 * i + 2] = 255 * f(1);
-}
-const ALPHA = new Float32Array(256);
-function updateAlpha() {
-  const opacity = $("opacity").value / 100;
-  const floor = $("cam-floor").value / 100;
-  const ramp = 0.15;
-  for (let i = 0; i < 256; i++) {
-    const t = i / 255;
-    ALPHA[i] = t < floor ? 0 : opacity * Math.min(1, (t - floor) / ramp + 0.25);
-  }
-  drawColorbar();
-}
-function drawColorbar() {
-  const cv = $("colorbar"), ctx = cv.getContext("2d");
-  const img = ctx.createImageData(cv.width, cv.height);
-  const floor = $("cam-floor").value / 100;
-  for (let x = 0; x < cv.width; x++) {
-    const i = Math.round(255 * x / (cv.width - 1));
-    const dim = i / 255 < floor ? 0.25 : 1;
-    for (let y = 0; y < cv.height; y++) {
-      const o = 4 * (y * cv.width + x);
-      img.data[o] = LUT[3 * i] * dim; img.data[o + 1] = LUT[3 * i + 1] * dim;
-      img.data[o + 2] = LUT[3 * i + 2] * dim; img.data[o + 3] = 255;
-    }
-  }
-  ctx.putImageData(img, 0, 0);
-}
 
 // ---------- formatting ----------
 function fmt(v) {
@@ -81,7 +48,7 @@ function el(tag, cls, text) {
   return e;
 }
 
-// ---------- header, list ----------
+// ---------- header, triage filter, list ----------
 function buildMeta() {
   const box = $("meta");
   for (const [k, v] of Object.entries(DATA.meta || {})) {
@@ -90,10 +57,31 @@ function buildMeta() {
     box.appendChild(s);
   }
 }
+const counts = {};
+for (const c of CASES) counts[c.group] = (counts[c.group] || 0) + 1;
+const shownGroups = new Set(DATA.groups);
+function buildTriage() {
+  const box = $("triage");
+  for (const g of DATA.groups) {
+    if (!counts[g]) continue;
+    const lab = el("label");
+    lab.title = GROUP_NAMES[g];
+    const box1 = el("input");
+    box1.type = "checkbox";
+    box1.checked = true;
+    box1.dataset.group = g;
+    box1.addEventListener("change", () => {
+      if (box1.checked) shownGroups.add(g); else shownGroups.delete(g);
+      applyFilter();
+    });
+    const dot = el("span", "dot");
+    dot.style.background = GROUP_COLOURS[g];
+    lab.append(box1, dot, el("span", null, g + " " + counts[g]));
+    box.appendChild(lab);
+  }
+}
 function buildList() {
   const list = $("case-list");
-  const counts = {};
-  for (const c of CASES) counts[c.group] = (counts[c.group] || 0) + 1;
   $("case-count").textContent = "(" + CASES.length + ")";
   let group = null;
   CASES.forEach((c, i) => {
@@ -111,147 +99,172 @@ function buildList() {
     const item = el("div", "case-item");
     item.dataset.case = c.id;
     item.dataset.index = String(i);
+    item.dataset.group = c.group;
     item.title = c.id;
     item.appendChild(el("span", "cid", c.id));
     item.appendChild(el("span", "prob", "p " + Number(c.probability).toFixed(3)));
     item.appendChild(el("span", "lab", c.label === null ? "\u2014" : "y=" + c.label));
-    item.addEventListener("click", () => select(i));
+    item.addEventListener("click", () => select(i).catch(() => {}));
     list.appendChild(item);
   });
 }
-
-// ---------- volumes ----------
-async function loadVolumes(i) {
-  if (cache.has(i)) {
-    const v = cache.get(i);
-    cache.delete(i); cache.set(i, v);
-    return v;
+const visible = (i) => shownGroups.has(CASES[i].group);
+function applyFilter() {
+  document.querySelectorAll("#case-list [data-group]").forEach((e) => {
+    e.classList.toggle("hidden", !shownGroups.has(e.dataset.group));
+  });
+  $("case-count").textContent = "(" + CASES.filter((c) => shownGroups.has(c.group)).length +
+    " of " + CASES.length + ")";
+  if (state.index >= 0 && !visible(state.index)) {
+    const next = CASES.findIndex((c, i) => visible(i));
+    if (next >= 0) select(next).catch(() => {});
   }
+}
+
+// ---------- per-case data: one classic script per case, loaded when first shown ----------
+const loaded = new Map();  // index -> {id, ct, cam, roi, lesion} (gzipped NIfTI, base64)
+const pending = new Map();  // index -> {promise, resolve, reject}
+window.radflowCase = function (i, payload) {
+  const wait = pending.get(i);
+  if (!wait) return;
+  pending.delete(i);
+  if (!payload || payload.id !== CASES[i].id) {
+    wait.reject(new Error(CASES[i].file + " holds the data of another case"));
+    return;
+  }
+  loaded.set(i, payload);
+  while (loaded.size > CACHE_MAX) loaded.delete(loaded.keys().next().value);
+  wait.resolve(payload);
+};
+function caseData(i) {
+  if (loaded.has(i)) {
+    const d = loaded.get(i);
+    loaded.delete(i); loaded.set(i, d);
+    return Promise.resolve(d);
+  }
+  if (pending.has(i)) return pending.get(i).promise;
+  const wait = {};
+  wait.promise = new Promise((resolve, reject) => { wait.resolve = resolve; wait.reject = reject; });
+  pending.set(i, wait);
+  const s = document.createElement("script");
+  s.src = CASES[i].file;
+  s.onload = () => {
+    s.remove();
+    if (pending.get(i) === wait) {
+      pending.delete(i);
+      wait.reject(new Error(CASES[i].file + " did not hold case data"));
+    }
+  };
+  s.onerror = () => {
+    s.remove();
+    pending.delete(i);
+    wait.reject(new Error("cannot read " + CASES[i].file + " (it belongs beside this page)"));
+  };
+  document.head.appendChild(s);
+  return wait.promise;
+}
+
+// ---------- NiiVue ----------
+const NV = window.niivue;
+let nv = null;
+function camFloor() { return $("cam-floor").value / 100; }
+function camOpacity() { return $("opacity").value / 100; }
+async function startNiivue() {
+  nv = new NV.Niivue({
+    backColor: [0, 0, 0, 1],
+    isRadiologicalConvention: true,  // patient's right on screen left
+    sagittalNoseLeft: true,  // anterior on screen left, as the PNGs and most PACS
+    multiplanarShowRender: NV.SHOW_RENDER.NEVER,
+    multiplanarLayout: NV.MULTIPLANAR_TYPE.ROW,
+    crosshairColor: [1, 0.84, 0.04, 0.8],
+    crosshairWidth: 0.5,
+    crosshairWidthUnit: "percent",
+    isColorbar: true,
+    show3Dcrosshair: false,
+    dragAndDropEnabled: false,
+    loadingText: "",
+    logLevel: "error",
+  });
+  await nv.attachToCanvas($("gl"));
+  nv.setSliceType(nv.sliceTypeMultiplanar);
+  nv.setAtlasOutline(1);
+  nv.onLocationChange = (loc) => locationChanged(loc);
+  api.nv = nv;
+  api.timings.webgl = performance.now();
+}
+async function layersOf(i, d) {
   const c = CASES[i];
-  const text = $("vol-" + i).textContent.trim();
-  const bin = atob(text);
-  const bytes = new Uint8Array(bin.length);
-  for (let k = 0; k < bin.length; k++) bytes[k] = bin.charCodeAt(k);
-  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
-  const buf = new Uint8Array(await new Response(stream).arrayBuffer());
-  const n = c.shape[0] * c.shape[1] * c.shape[2];
-  if (buf.length !== 3 * n) throw new Error("case " + c.id + ": volume data has wrong size");
-  const vol = {ct: buf.subarray(0, n), cam: buf.subarray(n, 2 * n),
-    roi: buf.subarray(2 * n, 3 * n)};
-  cache.set(i, vol);
-  while (cache.size > CACHE_MAX) cache.delete(cache.keys().next().value);
-  return vol;
+  const load = (base64, name, extra) =>
+    NV.NVImage.loadFromBase64(Object.assign({base64: base64, name: name}, extra));
+  const ct = await load(d.ct, "ct.nii.gz", {colormap: "gray", cal_min: c.window[0],
+    cal_max: c.window[1], colorbarVisible: false});
+  const cam = await load(d.cam, "cam.nii.gz", {colormap: "jet", opacity: camOpacity(),
+    cal_min: camFloor(), cal_max: 1, colorbarVisible: true});
+  const outline = async (b64, name, rgb) => {
+    if (!b64) return null;
+    const v = await load(b64, name, {colorbarVisible: false});
+    v.setColormapLabel({R: [0, rgb[0]], G: [0, rgb[1]], B: [0, rgb[2]], A: [0, 0], I: [0, 1]});
+    return v;
+  };
+  return {ct: ct, cam: cam, roi: await outline(d.roi, "roi.nii.gz", OUTLINE.roi),
+    lesion: await outline(d.lesion, "lesion.nii.gz", OUTLINE.lesion)};
 }
-
-// ---------- layout ----------
-function layout() {
-  if (state.index < 0) return;
-  const c = CASES[state.index];
-  const ext = [0, 1, 2].map((a) => c.shape[a] * c.spacing[a]);
-  const views = $("views");
-  // room left beside each canvas: figure padding and border, gaps, a little slack
-  const availW = Math.max(240, views.clientWidth - 3 * 18 - 2 * 14 - 12);
-  const top = views.getBoundingClientRect().top - $("main").getBoundingClientRect().top;
-  const availH = Math.max(200, window.innerHeight - top - 110);
-  let k = Math.min(availW / (2 * ext[0] + ext[1]), availH / Math.max(ext[1], ext[2]));
-  k = Math.max(k, 160 / Math.max(ext[0], ext[1], ext[2]));
-  state.scale = k;
-  const dpr = window.devicePixelRatio || 1;
-  for (const [name, v] of Object.entries(VIEWS)) {
-    const cv = $("canvas-" + name);
-    const w = Math.round(ext[v.h] * k), h = Math.round(ext[v.v] * k);
-    cv.style.width = w + "px"; cv.style.height = h + "px";
-    cv.width = Math.round(w * dpr); cv.height = Math.round(h * dpr);
-  }
+// The volumes NiiVue shows: the CT, then each layer that is switched on.
+function wantedVolumes() {
+  const L = state.layers;
+  const out = [L.ct];
+  if ($("toggle-cam").checked) out.push(L.cam);
+  if ($("toggle-roi").checked && L.roi) out.push(L.roi);
+  if ($("toggle-lesion").checked && L.lesion) out.push(L.lesion);
+  return out;
 }
-
-// ---------- rendering ----------
-const offscreen = document.createElement("canvas");
-function renderView(name) {
-  const v = VIEWS[name], c = CASES[state.index], vol = state.vol;
-  const cv = $("canvas-" + name), ctx = cv.getContext("2d");
-  const S = c.shape, stride = [S[1] * S[2], S[2], 1];
-  const nh = S[v.h], nv = S[v.v];
-  const base = state.pos[v.fixed] * stride[v.fixed];
-  const showCam = $("toggle-cam").checked;
-  offscreen.width = nh; offscreen.height = nv;
-  const octx = offscreen.getContext("2d");
-  const img = octx.createImageData(nh, nv);
-  const d = img.data;
-  for (let r = 0; r < nv; r++) {
-    const rowBase = base + (nv - 1 - r) * stride[v.v];
-    for (let col = 0; col < nh; col++) {
-      const idx = rowBase + (nh - 1 - col) * stride[v.h];
-      const g = vol.ct[idx];
-      const o = 4 * (r * nh + col);
-      let R = g, G = g, B = g;
-      if (showCam) {
-        const t = vol.cam[idx], a = ALPHA[t];
-        if (a > 0) {
-          R = g + (LUT[3 * t] - g) * a;
-          G = g + (LUT[3 * t + 1] - g) * a;
-          B = g + (LUT[3 * t + 2] - g) * a;
-        }
-      }
-      d[o] = R; d[o + 1] = G; d[o + 2] = B; d[o + 3] = 255;
-    }
-  }
-  octx.putImageData(img, 0, 0);
-  ctx.imageSmoothingEnabled = false;
-  ctx.fillStyle = "#000";
-  ctx.fillRect(0, 0, cv.width, cv.height);
-  ctx.drawImage(offscreen, 0, 0, cv.width, cv.height);
-  const px = cv.width / nh, py = cv.height / nv;
-  const dpr = window.devicePixelRatio || 1;
-  if ($("toggle-roi").checked) {
-    const inside = (rr, cc) => rr >= 0 && rr < nv && cc >= 0 && cc < nh &&
-      vol.roi[base + (nv - 1 - rr) * stride[v.v] + (nh - 1 - cc) * stride[v.h]] !== 0;
-    const path = new Path2D();
-    for (let r = 0; r < nv; r++) {
-      for (let col = 0; col < nh; col++) {
-        if (!inside(r, col)) continue;
-        const x0 = col * px, y0 = r * py, x1 = x0 + px, y1 = y0 + py;
-        if (!inside(r, col - 1)) { path.moveTo(x0, y0); path.lineTo(x0, y1); }
-        if (!inside(r, col + 1)) { path.moveTo(x1, y0); path.lineTo(x1, y1); }
-        if (!inside(r - 1, col)) { path.moveTo(x0, y0); path.lineTo(x1, y0); }
-        if (!inside(r + 1, col)) { path.moveTo(x0, y1); path.lineTo(x1, y1); }
-      }
-    }
-    ctx.strokeStyle = "#ff4fd8";
-    ctx.lineWidth = Math.max(1, 1.5 * dpr);
-    ctx.stroke(path);
-  }
-  if ($("toggle-crosshair").checked) {
-    const cx = (nh - 1 - state.pos[v.h] + 0.5) * px;
-    const cy = (nv - 1 - state.pos[v.v] + 0.5) * py;
-    const gap = Math.max(px, py, 8 * dpr);
-    ctx.strokeStyle = "rgba(255, 214, 10, 0.75)";
-    ctx.lineWidth = Math.max(1, dpr);
-    ctx.beginPath();
-    ctx.moveTo(cx, 0); ctx.lineTo(cx, cy - gap);
-    ctx.moveTo(cx, cy + gap); ctx.lineTo(cx, cv.height);
-    ctx.moveTo(0, cy); ctx.lineTo(cx - gap, cy);
-    ctx.moveTo(cx + gap, cy); ctx.lineTo(cv.width, cy);
-    ctx.stroke();
-  }
-  const n = S[v.fixed], s = state.pos[v.fixed];
-  const mm = (s * c.spacing[v.fixed]).toFixed(1);
-  $("label-" + name).textContent = v.name + " " + s + " / " + (n - 1) + " \u00b7 " + mm + " mm";
-  $("slider-" + name).value = String(s);
+// Set NiiVue's volume list at once (NiiVue's addVolume / removeVolume upload all volumes again
+// on each call: four times per case switch).
+function syncVolumes() {
+  if (!state.layers) return;
+  const want = wantedVolumes();
+  nv.volumes = want;
+  nv.back = want[0];
+  nv.overlays = want.slice(1);
 }
-let frame = 0;
-function renderAll() {
-  if (frame) { cancelAnimationFrame(frame); frame = 0; }
-  if (!state.vol) return;
-  for (const name of Object.keys(VIEWS)) renderView(name);
+function redraw() {
+  if (!state.layers) return;
+  state.layers.cam.cal_min = camFloor();
+  state.layers.cam.opacity = camOpacity();
+  syncVolumes();
+  nv.setCrosshairWidth($("toggle-crosshair").checked ? 0.5 : 0);
+  nv.updateGLVolume();
   api.renderCount += 1;
 }
-// Dragging and the wheel draw once per frame; the sliders follow at once.
-function scheduleRender() {
-  for (const [name, v] of Object.entries(VIEWS)) {
-    $("slider-" + name).value = String(state.pos[v.fixed]);
+function moveTo(vox) {
+  const c = CASES[state.index];
+  const v = vox.map((x, a) => Math.min(c.shape[a] - 1, Math.max(0, Math.round(x))));
+  nv.scene.crosshairPos = nv.vox2frac(v);
+  nv.drawScene();
+  nv.createOnLocationChange();
+}
+function locationChanged(loc) {
+  if (state.index < 0 || !loc || !loc.vox) return;
+  const c = CASES[state.index];
+  state.vox = Array.from(loc.vox, (x) => Math.round(x));
+  for (const [name, p] of Object.entries(PLANES)) {
+    const s = state.vox[p.axis];
+    $("slider-" + name).value = String(s);
+    $("label-" + name).textContent = p.name + " " + s + " / " + (c.shape[p.axis] - 1) +
+      " \u00b7 " + (s * c.spacing[p.axis]).toFixed(1) + " mm";
   }
-  if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderAll(); });
+  const L = state.layers, vals = {};
+  for (const [k, v] of Object.entries(L || {})) {
+    if (!v) continue;
+    const at = loc.values ? loc.values.find((x) => x.name === v.name) : null;
+    vals[k] = at ? at.value : null;
+  }
+  let text = "x " + state.vox[0] + "  y " + state.vox[1] + "  z " + state.vox[2];
+  if (vals.ct !== null && vals.ct !== undefined) text += "   CT " + Math.round(vals.ct) + " HU";
+  if (vals.cam !== null && vals.cam !== undefined) text += "   CAM " + vals.cam.toFixed(2);
+  if (vals.roi !== null && vals.roi !== undefined) text += vals.roi ? "   in ROI" : "   outside ROI";
+  if (vals.lesion) text += "   in lesion";
+  $("readout").textContent = text;
 }
 
 // ---------- case panel ----------
@@ -268,6 +281,7 @@ function showCase(c) {
   const extra = Object.entries(c.numbers).map(([k, v]) => [k, fmt(v), true]);
   const geometry = [["voxels", c.shape.join("\u00d7")],
     ["spacing mm", c.spacing.map((s) => fmt(s)).join("\u00d7")],
+    ["CT window HU", c.window.map((s) => fmt(s)).join(" \u2026 ")],
     ["CAM peak", c.peak.join(", ")]];
   const box = $("numbers");
   box.textContent = "";
@@ -278,10 +292,10 @@ function showCase(c) {
     item.appendChild(el("dd", null, v));
     box.appendChild(item);
   }
-  for (const [name, v] of Object.entries(VIEWS)) {
-    const sl = $("slider-" + name);
-    sl.max = String(c.shape[v.fixed] - 1);
-  }
+  for (const [name, p] of Object.entries(PLANES)) $("slider-" + name).max = String(c.shape[p.axis] - 1);
+  $("toggle-lesion").disabled = !c.lesion;
+  $("lesion-control").classList.toggle("absent", !c.lesion);
+  $("lesion-control").title = c.lesion ? "reference lesion mask" : "no lesion mask for this case";
 }
 
 async function select(i) {
@@ -292,81 +306,43 @@ async function select(i) {
   const item = document.querySelector('.case-item[data-index="' + i + '"]');
   item.classList.add("selected");
   item.scrollIntoView({block: "nearest"});
-  let vol;
+  let layers;
   try {
-    vol = await loadVolumes(i);
+    layers = await layersOf(i, await caseData(i));
   } catch (err) {
-    $("message").textContent = "Cannot show case " + c.id + ": " + err.message;
+    if (token === state.token) $("message").textContent = "Cannot show case " + c.id + ": " + err.message;
     throw err;
   }
   if (token !== state.token) return;
   $("message").textContent = "";
   state.index = i;
-  state.vol = vol;
-  state.pos = c.peak.slice();
+  state.layers = layers;
   showCase(c);
-  layout();
-  renderAll();
+  redraw();
+  moveTo(c.peak);
   api.currentCase = c.id;
   try { history.replaceState(null, "", "#case=" + encodeURIComponent(c.id)); } catch (e) { }
-  if (i + 1 < CASES.length) setTimeout(() => loadVolumes(i + 1).catch(() => {}), 50);
+  const next = nextVisible(i, 1);
+  if (next !== i) setTimeout(() => caseData(next).catch(() => {}), 50);
+}
+function nextVisible(i, step) {
+  for (let j = i + step; j >= 0 && j < CASES.length; j += step) if (visible(j)) return j;
+  return i;
 }
 
 // ---------- interaction ----------
-function canvasVoxel(name, ev) {
-  const v = VIEWS[name], c = CASES[state.index], cv = $("canvas-" + name);
-  const rect = cv.getBoundingClientRect();
-  const nh = c.shape[v.h], nv = c.shape[v.v];
-  const col = Math.floor((ev.clientX - rect.left) / rect.width * nh);
-  const row = Math.floor((ev.clientY - rect.top) / rect.height * nv);
-  if (col < 0 || col >= nh || row < 0 || row >= nv) return null;
-  const p = state.pos.slice();
-  p[v.h] = nh - 1 - col; p[v.v] = nv - 1 - row;
-  return p;
-}
-function readout(p) {
-  if (!p || !state.vol) { $("readout").textContent = ""; return; }
-  const c = CASES[state.index], S = c.shape;
-  const idx = (p[0] * S[1] + p[1]) * S[2] + p[2];
-  $("readout").textContent = "x " + p[0] + "  y " + p[1] + "  z " + p[2] +
-    "   CT " + state.vol.ct[idx] + "/255   CAM " + (state.vol.cam[idx] / 255).toFixed(2) +
-    "   " + (state.vol.roi[idx] ? "in ROI" : "outside ROI");
-}
-for (const name of Object.keys(VIEWS)) {
-  const v = VIEWS[name], cv = $("canvas-" + name);
-  const pick = (ev) => {
-    const p = canvasVoxel(name, ev);
-    if (!p) return;
-    state.pos = p;
-    scheduleRender();
-  };
-  cv.addEventListener("mousedown", (ev) => { if (state.vol) { pick(ev); ev.preventDefault(); } });
-  cv.addEventListener("mousemove", (ev) => {
-    if (!state.vol) return;
-    if (ev.buttons & 1) pick(ev);
-    readout(canvasVoxel(name, ev));
-  });
-  cv.addEventListener("mouseleave", () => readout(null));
-  cv.addEventListener("wheel", (ev) => {
-    if (!state.vol) return;
-    ev.preventDefault();
-    const n = CASES[state.index].shape[v.fixed];
-    const step = ev.deltaY > 0 ? -1 : ev.deltaY < 0 ? 1 : 0;
-    state.pos[v.fixed] = Math.min(n - 1, Math.max(0, state.pos[v.fixed] + step));
-    scheduleRender();
-  }, {passive: false});
+for (const [name, p] of Object.entries(PLANES)) {
   $("slider-" + name).addEventListener("input", (ev) => {
-    if (!state.vol) return;
-    state.pos[v.fixed] = Number(ev.target.value);
-    renderAll();
+    if (!state.layers) return;
+    const v = state.vox.slice();
+    v[p.axis] = Number(ev.target.value);
+    moveTo(v);
   });
 }
-for (const id of ["toggle-cam", "toggle-roi", "toggle-crosshair"]) {
-  $(id).addEventListener("change", renderAll);
+for (const id of ["toggle-cam", "toggle-roi", "toggle-lesion", "toggle-crosshair"]) {
+  $(id).addEventListener("change", redraw);
 }
-for (const id of ["opacity", "cam-floor"]) {
-  $(id).addEventListener("input", () => { updateAlpha(); renderAll(); });
-}
+for (const id of ["opacity", "cam-floor"]) $(id).addEventListener("input", redraw);
 document.addEventListener("keydown", (ev) => {
   if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
   const t = ev.target;
@@ -376,34 +352,29 @@ document.addEventListener("keydown", (ev) => {
   else if (ev.key === "k" || (ev.key === "ArrowUp" && !onRange)) step = -1;
   if (step) {
     ev.preventDefault();
-    const next = Math.min(CASES.length - 1, Math.max(0, state.index + step));
-    if (next !== state.index) select(next);
+    const next = nextVisible(state.index, step);
+    if (next !== state.index) select(next).catch(() => {});
     return;
   }
-  const toggles = {c: "toggle-cam", r: "toggle-roi", x: "toggle-crosshair"};
-  if (toggles[ev.key]) {
+  const toggles = {c: "toggle-cam", r: "toggle-roi", l: "toggle-lesion", x: "toggle-crosshair"};
+  if (toggles[ev.key] && !$(toggles[ev.key]).disabled) {
     const box = $(toggles[ev.key]);
     box.checked = !box.checked;
-    renderAll();
+    redraw();
   }
-});
-let resizeFrame = 0;
-window.addEventListener("resize", () => {
-  if (resizeFrame) return;
-  resizeFrame = requestAnimationFrame(() => { resizeFrame = 0; layout(); renderAll(); });
 });
 
 // ---------- start ----------
 buildMeta();
+buildTriage();
 buildList();
-updateAlpha();
+applyFilter();
+api.timings.list = performance.now();
 if (!CASES.length) {
   $("message").textContent = "No cases to show.";
   readyResolve(true);
-} else if (typeof DecompressionStream === "undefined") {
-  $("message").textContent = "This browser cannot decompress the embedded volumes " +
-    "(DecompressionStream is missing): open the page in a current Chrome, Edge, Firefox " +
-    "or Safari.";
+} else if (!NV) {
+  $("message").textContent = "NiiVue (niivue.umd.js) did not load: keep it beside this page.";
   readyResolve(false);
 } else {
   let first = 0;
@@ -412,8 +383,11 @@ if (!CASES.length) {
     const j = CASES.findIndex((c) => c.id === decodeURIComponent(m[1]));
     if (j >= 0) first = j;
   }
-  select(first).then(
-    () => readyResolve(true),
-    (err) => { console.error(err); readyResolve(false); });
+  // The case list is drawn first; WebGL (shader compilation) starts after that paint.
+  const start = () => startNiivue().then(() => select(first));
+  new Promise((resolve) => requestAnimationFrame(() => setTimeout(resolve, 0))).then(start).then(
+    () => { api.timings.first = performance.now(); readyResolve(true); },
+    (err) => { console.error(err); $("message").textContent = String(err.message || err);
+      readyResolve(false); });
 }
 })();
