@@ -19,7 +19,13 @@ BIN = str(Path(sys.executable).parent)
 SALT = "test-salt-0123456789"
 # 10 subjects give 13 studies: every special series type of the demo appears at least once.
 SMALL = DemoSettings(
-    n_subjects=10, n_unlabeled=1, seed=7, matrix=32, z_extent_mm=120.0, z_center_mm=-50.0
+    n_subjects=10,
+    n_unlabeled=1,
+    second_study_every=4,
+    seed=7,
+    matrix=32,
+    z_extent_mm=120.0,
+    z_center_mm=-50.0,
 )
 
 

@@ -92,6 +92,11 @@ def test_training_and_evaluation_ran(run):
     assert metrics["test"]["n"] >= 1
     preds = pd.read_csv(work / "results/eval/predictions.csv")
     assert set(preds["split"]) == {"train", "val", "test"}
+    # the classical baseline beside the network, on the same cases and splits
+    base = metrics["baseline"]
+    assert base["test"]["n"] == metrics["test"]["n"], base
+    assert base["n_train"] == (preds["split"] == "train").sum()
+    assert preds["baseline_probability"].between(0, 1).all()
     hist = pd.read_csv(work / "results/train/history.csv")
     assert len(hist) == 2
 

@@ -72,10 +72,14 @@ def evaluate(
     threads: int = 1,
     bootstrap: int = 1000,
 ) -> dict[str, Any]:
-    """Predict every case, pick the threshold on val, report test; write tables and plots."""
+    """Predict every case, pick the threshold on val, report test; write tables and plots.
+
+    The classical baseline (``radflow.baseline``) runs on the same splits beside the network:
+    its metrics are ``metrics["baseline"]``, its probabilities ``baseline_probability``."""
     import torch
 
     from radflow import manifest
+    from radflow.baseline import baseline
     from radflow.inputs import Cache, InputSpec
     from radflow.model import load_checkpoint, predict, resolve_device
 
@@ -88,6 +92,11 @@ def evaluate(
     prob = predict(model, cache, 4, dev.type == "cuda")
     preds = cases[["case_id", "subject_id", "split", "label"]].copy()
     preds["probability"] = prob
+    spec = InputSpec.from_checkpoint(ck)
+    try:
+        base, preds["baseline_probability"] = baseline(cases, root, spec.hu_window, bootstrap)
+    except ValueError as exc:  # e.g. one class in train: the network's metrics still stand
+        base, preds["baseline_probability"] = {"error": str(exc)}, np.nan
     val = preds[preds["split"] == "val"]
     test = preds[preds["split"] == "test"]
     thr = youden_threshold(val["label"].to_numpy(), val["probability"].to_numpy())
@@ -99,6 +108,7 @@ def evaluate(
         "validation": binary_metrics(val["label"], val["probability"], thr, bootstrap),
         "checkpoint_epoch": int(ck["epoch"]),
         "arch": ck["arch"],
+        "baseline": base,
     }
     out = Path(out_dir)
     write_table(preds, out / "predictions.csv")
@@ -126,17 +136,23 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_roc(test: pd.DataFrame, val: pd.DataFrame, path: Path) -> None:
-    """ROC curves of the test and validation splits."""
+    """ROC curves of the test and validation splits: the network (solid) and, where the
+    table has it, the logistic-regression baseline (dashed)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _figure()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for name, df in (("test", test), ("validation", val)):
-        if df["label"].nunique() == 2:
-            fpr, tpr, _ = roc_curve(df["label"], df["probability"])
-            ax.plot(
-                fpr, tpr, label=f"{name} AUC {roc_auc_score(df['label'], df['probability']):.3f}"
-            )
+        if df["label"].nunique() < 2:
+            continue
+        for col, who, style in (
+            ("probability", "network", "-"),
+            ("baseline_probability", "baseline", "--"),
+        ):
+            if col in df and df[col].notna().all():
+                fpr, tpr, _ = roc_curve(df["label"], df[col])
+                auc = roc_auc_score(df["label"], df[col])
+                ax.plot(fpr, tpr, style, label=f"{who}, {name}: AUC {auc:.3f}")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")

@@ -632,6 +632,9 @@ def report(
         meta["model"] = m.get("arch")
         meta["test AUC"] = round(m["test"]["auc"], 3) if m["test"].get("auc") is not None else None
         meta["threshold (val)"] = round(m["threshold"], 3)
+        base = m.get("baseline", {}).get("test", {})
+        if base.get("auc") is not None:  # the classical baseline on the same test split
+            meta["baseline test AUC"] = round(base["auc"], 3)
     pg = summary["pointing_game"]
     if pg["hit_rate"] is not None:
         meta["pointing game"] = f"{pg['hits']}/{pg['n']}"

@@ -8,6 +8,7 @@ coronal -- and ground-truth organ and lesion masks can be drawn on any grid exac
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
@@ -72,14 +73,62 @@ LAST = ["DOE", "SMITH", "GARCIA", "CHEN", "KHAN", "IVANOVA", "MARTIN", "TANAKA",
 
 
 @dataclass(frozen=True)
+class Blob:
+    """A focal lesion or cyst: an ellipsoid (LPS mm, rotated) with optional extra lobes.
+
+    ``lobes`` are spheres ``(dx, dy, dz, radius)`` in the ellipsoid's own frame, so a lesion can
+    be round, oval or lobulated. ``hu`` is a contrast for liver lesions (added to the
+    parenchyma) and an absolute value for cysts.
+    """
+
+    center: tuple[float, float, float]
+    radii: tuple[float, float, float]
+    rotation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # row-major 3x3
+    hu: float = 0.0
+    lobes: tuple[tuple[float, float, float, float], ...] = ()
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Boolean mask of the points (..., 3) inside the blob."""
+        out = np.zeros(points.shape[:-1], dtype=bool)
+        d = points - np.asarray(self.center)
+        near = np.einsum("...i,...i->...", d, d) <= self.extent() ** 2  # cheap bounding sphere
+        if not near.any():
+            return out
+        rot = np.asarray(self.rotation, dtype=float).reshape(3, 3)
+        d = d[near] @ rot.T  # into the blob's frame
+        inside = np.sum((d / np.asarray(self.radii)) ** 2, axis=-1) <= 1
+        for dx, dy, dz, r in self.lobes:
+            inside |= np.sum((d - np.array([dx, dy, dz])) ** 2, axis=-1) <= r * r
+        out[near] = inside
+        return out
+
+    def extent(self) -> float:
+        """Radius (mm) of a sphere about ``center`` that holds the whole blob."""
+        lobes = [float(np.linalg.norm(lb[:3])) + lb[3] for lb in self.lobes]
+        return max([*self.radii, *lobes])
+
+
+@dataclass(frozen=True)
 class Phantom:
-    """One subject's anatomy (LPS mm) and optional focal liver lesion."""
+    """One subject's anatomy (LPS mm), parenchymal texture, vessels, lesions and cysts."""
 
     scale: float = 1.0
     shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # the simple lesion: a sphere in the liver (kept for the phantom segmentation model's data)
     lesion_center: tuple[float, float, float] | None = None
     lesion_radius_mm: float = 10.0
     lesion_contrast_hu: float = -50.0
+    # focal liver lesions (contrast relative to the parenchyma), drawn inside the liver only
+    lesions: tuple[Blob, ...] = ()
+    # hypodense cysts outside the liver (absolute HU), drawn inside their organ only
+    cysts: tuple[Blob, ...] = ()
+    # enhancing intrahepatic vessels: (start, end) in local mm, radius mm, HU above the liver
+    vessels: tuple[
+        tuple[tuple[float, float, float], tuple[float, float, float], float, float], ...
+    ] = ()
+    # spatially correlated parenchymal texture (sd in HU; 0 = none) from a seeded noise field
+    texture_hu: float = 0.0
+    texture_seed: int = 0
 
     def _local(self, p: np.ndarray) -> np.ndarray:
         return (p - np.asarray(self.shift)) / self.scale
@@ -103,15 +152,25 @@ class Phantom:
             lab[vert] = 33 - i
         return lab
 
+    def _lesion(self, points: np.ndarray, lab: np.ndarray) -> np.ndarray:
+        out = np.zeros(points.shape[:-1], dtype=bool)
+        if self.lesion_center is not None:
+            d = np.linalg.norm(points - np.asarray(self.lesion_center), axis=-1)
+            out |= d <= self.lesion_radius_mm
+        if self.lesions:
+            liver = lab == 5
+            pts = points[liver]
+            out[liver] |= np.any([blob.contains(pts) for blob in self.lesions], axis=0)
+        return out
+
     def lesion(self, points: np.ndarray) -> np.ndarray:
         """Boolean lesion mask at LPS points (all False for class 0)."""
-        if self.lesion_center is None:
+        if self.lesion_center is None and not self.lesions:
             return np.zeros(points.shape[:-1], dtype=bool)
-        d = np.linalg.norm(points - np.asarray(self.lesion_center), axis=-1)
-        return d <= self.lesion_radius_mm
+        return self._lesion(points, self.labels(points))
 
     def hu(self, points: np.ndarray) -> np.ndarray:
-        """Noise-free HU at LPS points (..., 3)."""
+        """Noise-free HU at LPS points (..., 3); the texture is part of the anatomy."""
         q = self._local(points)
         x, y = q[..., 0], q[..., 1]
         out = np.full(q.shape[:-1], HU["air"], dtype=np.float32)
@@ -123,9 +182,62 @@ class Phantom:
         # intervertebral discs between the vertebral bodies
         disc = ((x / 20) ** 2 + ((y - 75) / 18) ** 2 <= 1) & (lab == 0)
         out[disc & (np.abs(q[..., 2]) < 260)] = HU["disc"]
-        les = self.lesion(points)
-        out[les] = HU["liver"] + self.lesion_contrast_hu
+        # vessels, cysts and lesions are drawn on their organ's points only (4x faster)
+        liver = lab == 5
+        if self.vessels:
+            ql, vals = q[liver], out[liver]
+            for a, b, r, dhu in self.vessels:
+                vals[_segment_distance(ql, a, b) <= r] = HU["liver"] + dhu
+            out[liver] = vals
+        if self.cysts:
+            organ = np.isin(lab, (1, 2, 3))
+            po, vals = points[organ], out[organ]
+            for cyst in self.cysts:
+                vals[cyst.contains(po)] = cyst.hu
+            out[organ] = vals
+        if self.lesion_center is not None:
+            out[self._lesion(points, lab)] = HU["liver"] + self.lesion_contrast_hu
+        if self.lesions:
+            pl, vals = points[liver], out[liver]
+            for blob in self.lesions:
+                vals[blob.contains(pl)] = HU["liver"] + blob.hu
+            out[liver] = vals
+        if self.texture_hu > 0:
+            parenchyma = np.isin(lab, (1, 2, 3, 5))
+            out[parenchyma] += self.texture_hu * _texture(self.texture_seed, q[parenchyma])
         return out
+
+
+def _segment_distance(q: np.ndarray, a: tuple, b: tuple) -> np.ndarray:
+    """Distance of points (..., 3) from the line segment a-b."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ab = b - a
+    t = np.clip(((q - a) @ ab) / (ab @ ab), 0.0, 1.0)
+    return np.linalg.norm(q - (a + t[..., None] * ab), axis=-1)
+
+
+TEXTURE_STEP_MM = 4.0
+TEXTURE_BOX_MM = np.array([[-170.0, -130.0, -220.0], [170.0, 130.0, 220.0]])
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_field(seed: int) -> np.ndarray:
+    """Unit-sd Gaussian noise smoothed to ~6 mm grain on a 4 mm grid over the body (local mm)."""
+    from scipy.ndimage import gaussian_filter
+
+    shape = tuple(
+        int(n) for n in np.ceil((TEXTURE_BOX_MM[1] - TEXTURE_BOX_MM[0]) / TEXTURE_STEP_MM) + 1
+    )
+    field = gaussian_filter(np.random.default_rng([seed, 7919]).normal(size=shape), 1.5)
+    return (field / field.std()).astype(np.float32)
+
+
+def _texture(seed: int, q: np.ndarray) -> np.ndarray:
+    """The subject's texture field (unit sd) at local points (n, 3), trilinear."""
+    from scipy.ndimage import map_coordinates
+
+    idx = (q - TEXTURE_BOX_MM[0]) / TEXTURE_STEP_MM
+    return map_coordinates(_texture_field(seed), idx.T, order=1, mode="nearest")
 
 
 def _organ_hu(name: str) -> float:
@@ -376,8 +488,12 @@ def write_dose_sr(path: Path, subj: SubjectSpec, study: StudySpec, study_uid: st
 class DemoSettings:
     """Knobs of the demo cohort (all deterministic given ``seed``)."""
 
-    n_subjects: int = 25
+    # 44 labelled subjects, half with liver lesions: with the demo's 50/25/25 split, 11
+    # subjects with a lesion are held out (validation + test)
+    n_subjects: int = 45
     n_unlabeled: int = 1
+    # every k-th subject has a second study (follow-up): subjects with several cases
+    second_study_every: int = 5
     seed: int = 42
     matrix: int = 96
     # 186 mm centred 25 mm below the liver centre: the liver (130-140 mm tall), spleen and
@@ -385,38 +501,145 @@ class DemoSettings:
     # its 64^3 patch along z instead of two (half the segmentation time)
     z_extent_mm: float = 186.0
     z_center_mm: float = -25.0
-    # a 32 mm hypodense lesion (~ -20 HU in a 60 HU liver): a few voxels across at the demo's
-    # 32^3 classifier input, enough for a network trained from scratch in a few minutes
-    lesion_radius_mm: float = 16.0
-    lesion_contrast_hu: float = -80.0
+    # class 1: 1-2 liver lesions, equivalent radius and contrast drawn from these ranges, round,
+    # oval or lobulated; ``subtle_fraction`` of them at the faint end of the contrast range
+    lesion_radius_mm: tuple[float, float] = (7.0, 16.0)
+    lesion_contrast_hu: tuple[float, float] = (-80.0, -30.0)
+    subtle_fraction: float = 0.25
+    subtle_contrast_hu: tuple[float, float] = (-30.0, -18.0)
+    second_lesion_fraction: float = 0.25
+    # both classes: water-density cysts in the right kidney (next to the liver: inside its
+    # crop, outside its mask) or the spleen, so "any dark blob" does not give the class away
+    cyst_fraction: float = 0.6
+    cyst_radius_mm: tuple[float, float] = (6.0, 13.0)
+    # both classes: correlated parenchymal texture (sd, HU) and 3-6 enhancing liver vessels
+    texture_hu: float = 8.0
+    vessels: tuple[int, int] = (3, 6)
     thin_mm: tuple[float, ...] = (1.5, 2.0, 2.5)
     thick_mm: float = 5.0
     noise_hu: float = 10.0
+
+
+LIVER = ((-60.0, -5.0, 0.0), (80.0, 75.0, 65.0))  # local centre and semi-axes (mm)
+CYST_SITES = {  # organ label: local centre and semi-axes of the region a cyst centre is drawn in
+    2: ((-65.0, 55.0, -35.0), (12.0, 12.0, 18.0)),  # right kidney, upper pole (near the liver)
+    1: ((85.0, 40.0, 10.0), (12.0, 22.0, 25.0)),  # spleen
+}
+
+
+def _rotation(rng: np.random.Generator) -> tuple[float, ...]:
+    """A random rotation matrix (row-major), from a normalised quaternion."""
+    w, x, y, z = (q := rng.normal(size=4)) / np.linalg.norm(q)
+    m = [
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ]
+    return tuple(float(v) for v in np.asarray(m).ravel())
+
+
+def _inside(local: np.ndarray, centre: tuple, axes: tuple, margin: float) -> bool:
+    """Is the sphere of ``margin`` mm about ``local`` inside the ellipsoid (approximately)?"""
+    shrunk = np.asarray(axes) - margin
+    return bool(np.all(shrunk > 0) and np.sum(((local - centre) / shrunk) ** 2) <= 1)
+
+
+def plan_lesion(
+    s: DemoSettings, rng: np.random.Generator, scale: float, shift: tuple, subtle: bool
+) -> Blob:
+    """One liver lesion: size, contrast and shape drawn from the settings, placed inside the
+    liver at least 6 mm from its surface (world LPS mm)."""
+    r = float(rng.uniform(*s.lesion_radius_mm))
+    contrast = float(rng.uniform(*(s.subtle_contrast_hu if subtle else s.lesion_contrast_hu)))
+    shape = rng.choice(["round", "oval", "lobulated"], p=[0.35, 0.35, 0.3])
+    radii = (r, r, r)
+    lobes: tuple = ()
+    if shape == "oval":
+        a = float(rng.uniform(1.2, 1.6))
+        radii = (r * a, r / np.sqrt(a), r / np.sqrt(a))
+    elif shape == "lobulated":
+        n = int(rng.integers(1, 3))
+        dirs = rng.normal(size=(n, 3))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        lobes = tuple(
+            (*(float(v) for v in d * r * rng.uniform(0.6, 0.9)), float(r * rng.uniform(0.5, 0.75)))
+            for d in dirs
+        )
+    blob = Blob((0.0, 0.0, 0.0), radii, _rotation(rng), contrast, lobes)
+    centre, axes = LIVER
+    for _ in range(1000):
+        local = np.asarray(centre) + rng.uniform(-1, 1, 3) * np.asarray(axes)
+        if _inside(local, centre, axes, blob.extent() / scale + 6.0):
+            break
+    world = tuple(float(v) for v in local * scale + np.asarray(shift))
+    return replace(blob, center=world, radii=tuple(float(v) for v in blob.radii))
+
+
+def plan_cyst(s: DemoSettings, rng: np.random.Generator, scale: float, shift: tuple) -> Blob:
+    """A water-density cyst in the right kidney's upper pole or in the spleen (world LPS mm)."""
+    organ = int(rng.choice(sorted(CYST_SITES)))
+    centre, axes = CYST_SITES[organ]
+    local = np.asarray(centre) + rng.uniform(-1, 1, 3) * np.asarray(axes)
+    world = tuple(float(v) for v in local * scale + np.asarray(shift))
+    r = float(rng.uniform(*s.cyst_radius_mm))
+    return Blob(
+        world, (r, r, r * float(rng.uniform(0.8, 1.2))), _rotation(rng), float(rng.uniform(0, 15))
+    )
+
+
+def plan_vessels(s: DemoSettings, rng: np.random.Generator) -> tuple:
+    """Enhancing vessels fanning out from the liver hilum (local mm; HU above the liver)."""
+    hilum = np.array([-35.0, 5.0, -10.0])
+    centre, axes = LIVER
+    out = []
+    for _ in range(int(rng.integers(s.vessels[0], s.vessels[1] + 1))):
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        end = np.asarray(centre) + d * np.asarray(axes) * rng.uniform(0.5, 0.85)
+        out.append(
+            (
+                tuple(float(v) for v in hilum),
+                tuple(float(v) for v in end),
+                float(rng.uniform(2.5, 4.5)),
+                float(rng.uniform(40, 70)),
+            )
+        )
+    return tuple(out)
 
 
 def plan_cohort(s: DemoSettings) -> list[SubjectSpec]:
     """Decide every subject, study and series of the cohort (pure; no I/O)."""
     subjects = []
     study_counter = 0
-    n_pos = 0
     for i in range(s.n_subjects):
         rng = np.random.default_rng([s.seed, i])
         label = int(i % 2)
-        n_pos += label
         scale = float(rng.uniform(0.92, 1.08))
         shift = (float(rng.uniform(-8, 8)), float(rng.uniform(-8, 8)), float(rng.uniform(-10, 10)))
-        lesion_center = None
+        # anatomy first, from its own stream, so both classes draw it alike
+        anat = np.random.default_rng([s.seed, i, 1])
+        vessels = plan_vessels(s, anat)
+        cysts = ()
+        if anat.random() < s.cyst_fraction:
+            cysts = tuple(plan_cyst(s, anat, scale, shift) for _ in range(int(anat.integers(1, 3))))
+        lesions = ()
         if label:
-            # inside the liver, at least radius + 8 mm from its surface (liver axes 80/75/65)
-            u = rng.normal(size=3)
-            u /= np.linalg.norm(u)
-            frac = rng.uniform(0.0, 0.45)
-            local = np.array([-60, -5, 0]) + u * frac * np.array([80, 75, 65])
-            lesion_center = tuple(float(v) for v in local * scale + np.asarray(shift))
-        phantom = Phantom(scale, shift, lesion_center, s.lesion_radius_mm, s.lesion_contrast_hu)
+            les = np.random.default_rng([s.seed, i, 2])
+            n = 2 if les.random() < s.second_lesion_fraction else 1
+            subtle = les.random() < s.subtle_fraction
+            lesions = tuple(plan_lesion(s, les, scale, shift, subtle and k == 0) for k in range(n))
+        phantom = Phantom(
+            scale,
+            shift,
+            lesions=lesions,
+            cysts=cysts,
+            vessels=vessels,
+            texture_hu=s.texture_hu,
+            texture_seed=int(s.seed * 1000 + i),
+        )
         first, last = FIRST[i % len(FIRST)], LAST[(i * 3) % len(LAST)]
         pid = "../../etc" if i == 5 else f"MRN{100200 + 37 * i:07d}"
-        n_studies = 2 if i % 4 == 0 else 1
+        n_studies = 2 if i % s.second_study_every == 0 else 1
         studies = []
         for st in range(n_studies):
             j = study_counter
