@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from radflow import convert, evaluate, explain, ingest, labels, manifest, mask, segment, train
+from radflow import (
+    convert,
+    evaluate,
+    explain,
+    ingest,
+    labels,
+    manifest,
+    mask,
+    plausibility,
+    segment,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -20,8 +31,12 @@ SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").r
 SECTIONS = {
     ingest.SelectionRules: (("ingest", "selection"), ()),
     convert.ConvertSettings: (("convert",), ("threads",)),
-    segment.SegmentSettings: (("segment",), ("threads", "batches", "precomputed")),
+    segment.SegmentSettings: (
+        ("segment",),
+        ("threads", "batches", "precomputed", "allow_phantom"),
+    ),
     mask.MaskSettings: (("mask",), ("threads",)),
+    plausibility.QcSettings: (("qc",), ("reference",)),
     manifest.SplitSettings: (("manifest",), ()),
     train.TrainSettings: (("train",), ("threads",)),
     explain.ExplainSettings: (("explain",), ("threads", "splits", "lesion_reference")),
@@ -77,7 +92,18 @@ def test_every_settings_dataclass_is_checked():
     import radflow
 
     found = set()
-    for mod in (convert, evaluate, explain, ingest, labels, manifest, mask, segment, train):
+    for mod in (
+        convert,
+        evaluate,
+        explain,
+        ingest,
+        labels,
+        manifest,
+        mask,
+        plausibility,
+        segment,
+        train,
+    ):
         for _, obj in inspect.getmembers(mod, dataclasses.is_dataclass):
             if obj.__module__ == mod.__name__ and hasattr(obj, "from_dict"):
                 found.add(obj)
