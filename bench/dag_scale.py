@@ -78,6 +78,7 @@ def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
     cfg["qc"]["reference"] = None
     cfg["explain"]["lesion_reference"] = None
     cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    cfg["segment"]["allow_phantom"] = True  # a scratch raw tree, not the demo: never segmented
     if per_batch:
         cfg["segment"]["batches"] = max(1, round(n / per_batch))
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))

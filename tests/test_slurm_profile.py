@@ -30,6 +30,7 @@ def _config(work: Path, raw: Path, labels: Path | None, **segment) -> Path:
     cfg["ids"]["salt"] = SALT
     cfg["convert"].update({"threads": 1, "spacing_mm": [4.0, 4.0, 4.0]})
     cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    cfg["segment"]["allow_phantom"] = True  # some raw trees here are empty folders, not the demo
     cfg["segment"]["batches"] = 0  # one segment job per case: the GPU jobs counted here
     cfg["segment"].update(segment)
     (work / "config").mkdir(parents=True)

@@ -279,7 +279,7 @@ def build(
             "subject_id": r.subject_id,
             "study_id": r.study_id,
             "series_id": r.series_id,
-            "label": int(r.label) if bool(r.has_label) else pd.NA,
+            "label": pd.NA if pd.isna(r.label) else int(r.label),
             **files,
             "image_nx": g["shape"][0],
             "image_ny": g["shape"][1],
@@ -294,7 +294,7 @@ def build(
             "masked_sy_mm": status["spacing_mm"][1],
             "masked_sz_mm": status["spacing_mm"][2],
             "roi_volume_ml": status["roi_ml"],
-            "flags": case_flags(getattr(r, "flags", ""), status),
+            "flags": case_flags(getattr(r, "flags", ""), status, getattr(r, "has_label", None)),
             **{f"sha256_{k}": sha256(root / v) for k, v in files.items()},
             "slice_thickness_mm": r.slice_thickness_mm,
             "kernel": r.kernel,
@@ -319,12 +319,16 @@ def build(
     return validate(cases), excl, new_registry.sort_values("subject_id")
 
 
-def case_flags(ingest_flags: Any, status: Mapping[str, Any]) -> str:
-    """A case's notes: the inventory's (series level, e.g. gantry_tilt, no_label) and the
-    mask record's plausibility flags (e.g. liver:truncated), semicolon-separated."""
+def case_flags(ingest_flags: Any, status: Mapping[str, Any], has_label: Any = None) -> str:
+    """A case's notes, semicolon-separated: the inventory's (series level, e.g. gantry_tilt),
+    ``no_label`` when a sheet is set but does not name the case (no sheet: unknown, no flag),
+    and the mask record's plausibility flags (e.g. liver:truncated)."""
     text = "" if ingest_flags is None or pd.isna(ingest_flags) else str(ingest_flags)
     out = [f for f in text.split(";") if f]
-    return ";".join(out + [f for f in status.get("flags", []) if f not in out])
+    if has_label is not None and not pd.isna(has_label) and not has_label:
+        out.append("no_label")
+    out += status.get("flags", [])
+    return ";".join(dict.fromkeys(out))
 
 
 def datalist(cases: pd.DataFrame, base: str = "..") -> dict[str, Any]:
@@ -379,11 +383,11 @@ def manifest(
     inventory = pd.read_parquet(inventory_path)
     if labels is not None and labels.path:
         inventory = relabel(inventory, labels, id_map)
-    elif labels is not None:  # labels.path null: every case unlabelled, whatever ingest saw
-        inventory = inventory.assign(label=pd.array([pd.NA] * len(inventory), dtype="Int64"))
-        inventory["has_label"] = False
-    if inventory["has_label"].isna().any():
-        inventory["has_label"] = inventory["has_label"].fillna(False)
+    elif labels is not None:  # labels.path null: every case unlabelled (unknown), whatever
+        inventory = inventory.assign(  # ingest saw
+            label=pd.array([pd.NA] * len(inventory), dtype="Int64"),
+            has_label=pd.array([pd.NA] * len(inventory), dtype="boolean"),
+        )
     reg_path = Path(out_dir) / "split_registry.csv"
     registry = pd.read_csv(reg_path) if reg_path.exists() else None
     cases, excluded, registry = build(inventory, root, settings, config, registry)

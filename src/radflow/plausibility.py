@@ -65,7 +65,9 @@ class QcSettings:
         """Build from a config mapping (unknown keys are an error; ``reference`` is ignored)."""
         d = section(cls, {k: v for k, v in dict(d or {}).items() if k != "reference"}, "qc")
         if d.get("implausible", "exclude") not in SEVERITIES:
-            raise ValueError(f"qc.implausible must be one of {SEVERITIES}, got {d['implausible']!r}")
+            raise ValueError(
+                f"qc.implausible must be one of {SEVERITIES}, got {d['implausible']!r}"
+            )
         for organ, rng in dict(d.get("plausibility") or {}).items():
             for key, bounds in dict(rng or {}).items():
                 if key not in ("volume_ml", "hu"):
@@ -160,7 +162,8 @@ def check_roi(
     if where:
         res.flags.append(f"{roi}:hu_{where}")
         res.reasons.append(
-            f"{roi} mean {res.mean_hu:.0f} HU outside qc.plausibility.{roi}.hu [{hu[0]:g}, {hu[1]:g}]"
+            f"{roi} mean {res.mean_hu:.0f} HU outside qc.plausibility.{roi}.hu "
+            f"[{hu[0]:g}, {hu[1]:g}]"
         )
     if res.boundary_share > settings.max_boundary_share:
         res.flags.append(f"{roi}:truncated")
