@@ -43,6 +43,8 @@ def test_phantom_guard_decisions(demo_cohort, tmp_path):
     assert segment.phantom_guard("precomputed", PHANTOM, other, allow=False) == ""
     assert segment.phantom_guard("totalsegmentator", PHANTOM, demo_cohort / "raw", False) == ""
     assert segment.phantom_guard("totalsegmentator", tmp_path, other, allow=False) == ""
+    # no raw tree yet (a fresh clone before `make demo-data`): ingest's missing input says so
+    assert segment.phantom_guard("totalsegmentator", PHANTOM, tmp_path / "nope", False) == ""
 
 
 def _other_cohort(demo_cohort, tmp_path):

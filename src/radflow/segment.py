@@ -163,8 +163,11 @@ def phantom_guard(
     backend: str, weights_dir: str | os.PathLike, raw_dir: str | os.PathLike, allow: bool
 ) -> str:
     """Why the workflow must not start (the phantom weights on a cohort other than the demo's),
-    or "" when it may."""
+    or "" when it may. A ``raw_dir`` that does not exist (yet) is Snakemake's missing input,
+    named when ingest needs it; the guard waits for it."""
     if backend != "totalsegmentator" or allow or not is_phantom(weights_dir):
+        return ""
+    if not Path(raw_dir).is_dir():
         return ""
     if is_demo_cohort(raw_dir):
         return ""
