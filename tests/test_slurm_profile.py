@@ -104,7 +104,9 @@ def test_snakemake_reads_the_profile_with_partition_and_account_from_the_command
     tmp_path,
 ):
     (tmp_path / "raw").mkdir()
-    work = _config(tmp_path / "wf", tmp_path / "raw", None)
+    sheet = tmp_path / "labels.csv"  # a sheet: without one the default target stops before train
+    sheet.write_text("PatientID,label\n")
+    work = _config(tmp_path / "wf", tmp_path / "raw", sheet)
     proc = _snakemake(
         work,
         "-n",
