@@ -31,6 +31,5 @@ rule all:
         # every case's records are the manifest's inputs, so they are not listed again here
         paths.SEG_QC_TABLE,
         MANIFESTS,
-        paths.METRICS,
-        paths.EXPLAIN_DIR,
-        [paths.CV_SUMMARY] if config["manifest"]["folds"] > 1 else [],
+        # none without labels (labels.path null): a preprocessing-only run ends at the manifests
+        model_targets(),

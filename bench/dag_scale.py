@@ -74,10 +74,14 @@ def make_workdir(root: Path, n: int, per_batch: int = 0) -> Path:
     raw.mkdir(parents=True)
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg.update(raw_dir=str(raw))
-    cfg["labels"]["path"] = None
+    # a sheet (empty: the bench never trains), so the DAG keeps train, evaluate and explain:
+    # without one the default target ends at the manifests
+    (work / "labels.csv").write_text("PatientID,label\n")
+    cfg["labels"]["path"] = str(work / "labels.csv")
     cfg["qc"]["reference"] = None
     cfg["explain"]["lesion_reference"] = None
     cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    cfg["segment"]["allow_phantom"] = True  # a scratch raw tree, not the demo: never segmented
     if per_batch:
         cfg["segment"]["batches"] = max(1, round(n / per_batch))
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))

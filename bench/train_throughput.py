@@ -49,6 +49,7 @@ def synthetic_manifest(root: Path, n: int, size: int) -> Path:
                 **paths,
                 **g,
                 "roi_volume_ml": 1.0,
+                "flags": "",
                 **{f"sha256_{k}": "0" * 64 for k in ("image", "label_map", "masked", "roi", "qc")},
                 "slice_thickness_mm": 1.0,
                 "kernel": "B30f",

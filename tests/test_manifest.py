@@ -88,6 +88,7 @@ def _valid_cases():
         "masked_sy_mm": 2.0,
         "masked_sz_mm": 2.0,
         "roi_volume_ml": 1500.0,
+        "flags": "gantry_tilt;liver:truncated",
         **{f"sha256_{k}": "a" * 64 for k in ("image", "label_map", "masked", "roi", "qc")},
         "slice_thickness_mm": 1.5,
         "kernel": "B30f",
@@ -128,3 +129,45 @@ def test_read_checks_the_schema(tmp_path):
     bad.to_csv(tmp_path / "cases.csv", index=False)
     with pytest.raises(ValueError, match="label"):
         manifest.read(tmp_path / "cases.csv")
+
+
+def test_an_unlabelled_case_is_a_row_with_an_empty_label(tmp_path):
+    """Unlabelled cases stay in the manifest (preprocessing-only use); the CSV round trip keeps
+    the label empty, and the datalist item has no label."""
+    cases = pd.concat(
+        [_valid_cases(), _valid_cases().assign(case_id="case-ffffffffffff", label=pd.NA)]
+    )
+    cases = manifest.validate(cases)
+    cases.to_csv(tmp_path / "cases.csv", index=False)
+    back = manifest.read(tmp_path / "cases.csv")
+    assert back["label"].isna().tolist() == [False, True]
+    items = manifest.datalist(back)["training"]
+    assert [("label" in i) for i in items] == [True, False]
+    assert manifest.labelled(back)["case_id"].tolist() == ["case-0123456789ab"]
+    with pytest.raises(manifest.NoLabelledCasesError, match="training needs labels"):
+        manifest.labelled(back[back["label"].isna()])
+
+
+def test_unlabelled_subjects_are_split_by_subject_too():
+    subjects = _subjects(30)
+    subjects["label"] = subjects["label"].astype("Int64")
+    subjects.loc[subjects.index[:12], "label"] = pd.NA
+    a = manifest.assign_splits(subjects, manifest.SplitSettings())
+    assert a["split"].notna().all()
+    unl = a[a["label"].isna()]
+    assert len(unl) == 12  # a stratum of their own (not dropped as a missing group key)
+    counts = unl["split"].value_counts()
+    for split, frac in manifest.SplitSettings().fractions().items():
+        assert abs(counts.get(split, 0) - frac * 12) <= 1, counts
+
+
+def test_exclusion_reads_the_mask_records_reason_code():
+    ok = {"status": "ok", "usable": True}
+    assert manifest.exclusion(ok) is None
+    bad = {"status": "ok", "usable": False, "reason_code": "IMPLAUSIBLE", "reason": "liver x"}
+    assert manifest.exclusion(bad) == {
+        "stage": "mask",
+        "reason_code": "IMPLAUSIBLE",
+        "reason": "liver x",
+    }
+    assert manifest.exclusion({"usable": False, "reason": "small"})["reason_code"] == "ROI"

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from radflow import geometry, mask, qc
+from radflow import geometry, mask, plausibility, qc
 from radflow.io import save_nifti
 
 NAMES = {1: "spleen", 5: "liver", 2: "kidney_right"}
@@ -102,6 +102,8 @@ def _run_on_files(tmp_path, img, aff, seg, **kw):
     (tmp_path / "seg.json").write_text(
         json.dumps({"labels": {str(k): v for k, v in NAMES.items()}})
     )
+    # the toy liver is 10 mL: plausibility flags it (tests/test_plausibility.py), not excludes
+    kw.setdefault("qc", plausibility.QcSettings(implausible="flag"))
     return mask.mask(
         tmp_path / "img.nii.gz",
         tmp_path / "seg.nii.gz",

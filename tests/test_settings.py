@@ -18,6 +18,7 @@ from radflow import (
     labels,
     manifest,
     mask,
+    plausibility,
     segment,
     source,
     train,
@@ -31,8 +32,12 @@ SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").r
 SECTIONS = {
     ingest.SelectionRules: (("ingest", "selection"), ()),
     convert.ConvertSettings: (("convert",), ("threads",)),
-    segment.SegmentSettings: (("segment",), ("threads", "batches", "precomputed")),
+    segment.SegmentSettings: (
+        ("segment",),
+        ("threads", "batches", "precomputed", "allow_phantom"),
+    ),
     mask.MaskSettings: (("mask",), ("threads",)),
+    plausibility.QcSettings: (("qc",), ("reference",)),
     manifest.SplitSettings: (("manifest",), ()),
     train.TrainSettings: (("train",), ("threads",)),
     explain.ExplainSettings: (("explain",), ("threads", "splits", "lesion_reference")),
@@ -93,7 +98,19 @@ def test_every_settings_dataclass_is_checked():
     import radflow
 
     found = set()
-    for mod in (convert, evaluate, explain, ingest, labels, manifest, mask, segment, source, train):
+    for mod in (
+        convert,
+        evaluate,
+        explain,
+        ingest,
+        labels,
+        manifest,
+        mask,
+        plausibility,
+        segment,
+        source,
+        train,
+    ):
         for _, obj in inspect.getmembers(mod, dataclasses.is_dataclass):
             if obj.__module__ == mod.__name__ and hasattr(obj, "from_dict"):
                 found.add(obj)

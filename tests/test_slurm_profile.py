@@ -30,6 +30,7 @@ def _config(work: Path, raw: Path, labels: Path | None, **segment) -> Path:
     cfg["ids"]["salt"] = SALT
     cfg["convert"].update({"threads": 1, "spacing_mm": [4.0, 4.0, 4.0]})
     cfg["segment"]["weights_dir"] = str(REPO / "resources" / "totalseg_phantom")
+    cfg["segment"]["allow_phantom"] = True  # some raw trees here are empty folders, not the demo
     cfg["segment"]["batches"] = 0  # one segment job per case: the GPU jobs counted here
     cfg["segment"].update(segment)
     (work / "config").mkdir(parents=True)
@@ -103,7 +104,9 @@ def test_snakemake_reads_the_profile_with_partition_and_account_from_the_command
     tmp_path,
 ):
     (tmp_path / "raw").mkdir()
-    work = _config(tmp_path / "wf", tmp_path / "raw", None)
+    sheet = tmp_path / "labels.csv"  # a sheet: without one the default target stops before train
+    sheet.write_text("PatientID,label\n")
+    work = _config(tmp_path / "wf", tmp_path / "raw", sheet)
     proc = _snakemake(
         work,
         "-n",

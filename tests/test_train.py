@@ -17,7 +17,9 @@ from radflow.data import CaseDataset
 from radflow.io import save_nifti
 
 
-def _tiny_cohort(tmp_path, n=12, size=16):
+def _tiny_cohort(tmp_path, n=12, size=16, unlabelled=()):
+    """n cases (12: 6 train, 3 val, 3 test; more: train, val, test in turn); the cases numbered
+    in ``unlabelled`` get an empty label."""
     rng = np.random.default_rng(0)
     rows = []
     aff = np.diag([4.0, 4.0, 4.0, 1.0])
@@ -32,14 +34,14 @@ def _tiny_cohort(tmp_path, n=12, size=16):
             (tmp_path / files[key]).parent.mkdir(parents=True, exist_ok=True)
         save_nifti(vol.astype(np.int16), aff, tmp_path / files["masked"])
         save_nifti(np.ones((size,) * 3, np.uint8), aff, tmp_path / files["roi"])
-        split = ["train"] * 6 + ["val"] * 3 + ["test"] * 3
+        split = ["train"] * 6 + ["val"] * 3 + ["test"] * 3 + ["train", "val", "test"] * 3
         rows.append(
             {
                 "case_id": cid,
                 "subject_id": f"sub-{i:012x}",
                 "study_id": f"stu-{i:012x}",
                 "series_id": f"ser-{i:012x}",
-                "label": label,
+                "label": pd.NA if i in unlabelled else label,
                 "split": split[i],
                 "fold": -1,
                 **files,
@@ -56,6 +58,7 @@ def _tiny_cohort(tmp_path, n=12, size=16):
                 "masked_sy_mm": 4.0,
                 "masked_sz_mm": 4.0,
                 "roi_volume_ml": 262.0,
+                "flags": "",
                 **{f"sha256_{k}": "0" * 64 for k in ("image", "label_map", "masked", "roi", "qc")},
                 "slice_thickness_mm": 1.5,
                 "kernel": "B30f",
@@ -205,6 +208,28 @@ def test_threshold_comes_from_validation_only(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["test"]["n"] == 3
     for png in ("roc.png", "confusion.png", "training_curves.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 1000
+
+
+def test_unlabelled_cases_are_predicted_but_never_trained_on_or_scored(tmp_path, monkeypatch):
+    m = _tiny_cohort(tmp_path, n=15, unlabelled=(12, 13, 14))  # one in each split
+    seen = []
+    real_cache = train.Cache
+    monkeypatch.setattr(train, "Cache", lambda df, *a: seen.append(len(df)) or real_cache(df, *a))
+    train.train(m, tmp_path / "run", _settings(epochs=1), root=tmp_path, threads=1)
+    assert seen == [6, 3]  # the labelled train and val cases alone
+    res = evaluate.evaluate(
+        tmp_path / "run/best.pt", m, tmp_path / "eval", root=tmp_path, device="cpu", bootstrap=20
+    )
+    assert res["test"]["n"] == 3 and res["validation"]["n"] == 3
+    preds = pd.read_csv(tmp_path / "eval/predictions.csv")
+    assert len(preds) == 15 and preds["label"].isna().sum() == 3
+    assert preds["probability"].notna().all()
+
+
+def test_a_manifest_without_labels_stops_training_with_one_line(tmp_path):
+    m = _tiny_cohort(tmp_path, unlabelled=range(12))
+    with pytest.raises(manifest.NoLabelledCasesError, match="no labelled case in the manifest"):
+        train.train(m, tmp_path / "run", _settings(epochs=1), root=tmp_path, threads=1)
 
 
 def test_killed_training_process_resumes_to_the_same_model(tmp_path):

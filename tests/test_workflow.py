@@ -338,7 +338,13 @@ def test_manifests_are_written_and_consistent(run):
     for col in ("image", "label_map", "masked", "roi", "qc"):
         assert all((work / p).exists() for p in cases[col])
     excluded = pd.read_csv(work / "manifests/excluded.csv")
-    assert {"ingest", "label"} <= set(excluded["stage"])
+    assert "ingest" in set(excluded["stage"]) and "label" not in set(excluded["stage"])
+    # the subject the sheet leaves out is a case with an empty label, flagged no_label
+    unlabelled = cases[cases["label"].isna()]
+    assert len(unlabelled) >= 1 and unlabelled["flags"].str.contains("no_label").all()
+    # qc.implausible: flag (conftest): the cohort's field of view cuts the liver; the flagged
+    # cases stay, their flags in the manifest
+    assert cases["flags"].str.contains("liver:truncated").any()
     inv = pd.read_parquet(work / "results/inventory/series.parquet")
     assert len(excluded) + len(cases) == len(inv)  # every series is accounted for
     for split in ("train", "val", "test"):
@@ -355,7 +361,7 @@ def test_monai_reads_the_datalist(run):
         str(work / "manifests/datalist.json"), is_segmentation=False, data_list_key="training"
     )
     assert items and all(Path(i["image"]).exists() for i in items)
-    assert {i["label"] for i in items} <= {0, 1}
+    assert {i["label"] for i in items if "label" in i} <= {0, 1}
     val = load_decathlon_datalist(
         str(work / "manifests/datalist.json"), is_segmentation=False, data_list_key="validation"
     )

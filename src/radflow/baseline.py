@@ -128,16 +128,17 @@ def baseline(
 
     feats = case_features(cases, root, window)
     x = feats[feature_names()].to_numpy()
-    labels = cases["label"].to_numpy(dtype=int)
+    known = cases["label"].notna().to_numpy()  # unlabelled rows are predicted, never scored
+    labels = cases["label"].fillna(-1).to_numpy(dtype=int)
     split = cases["split"].to_numpy()
-    prob = fit_predict(x, labels, split == "train", seed)
-    val, test = split == "val", split == "test"
+    prob = fit_predict(x, labels, (split == "train") & known, seed)
+    val, test = (split == "val") & known, (split == "test") & known
     thr = youden_threshold(labels[val], prob[val])
     result = {
         "model": "logistic regression (scikit-learn, L2, standardised) on ROI features",
         "features": feature_names(),
         "histogram_window_hu": [float(w) for w in window],
-        "n_train": int((split == "train").sum()),
+        "n_train": int(((split == "train") & known).sum()),
         "threshold": thr,
         "test": binary_metrics(labels[test], prob[test], thr, bootstrap),
         "validation": binary_metrics(labels[val], prob[val], thr, bootstrap),

@@ -305,6 +305,12 @@ def _add_mask(sub: Sub) -> None:
     m.add_argument("--names", default=None, help="label-name JSON of SEG (default beside it)")
     _settings(m, "mask")
     m.add_argument("--qc", default=None, help="tri-planar QC picture (PNG)")
+    m.add_argument(
+        "--qc-settings",
+        type=_json_arg,
+        default={},
+        help="plausibility settings as JSON (config key qc: ranges, severity)",
+    )
     m.add_argument("--seg-qc", default=None, help="per-ROI volume/Dice table (CSV)")
     m.add_argument("--reference", default=None, help="reference label map for Dice/IoU")
     m.add_argument("--reference-template", default=None, help="or its path template")
@@ -320,7 +326,7 @@ def _add_mask(sub: Sub) -> None:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     """Mask, crop and resample one case; QC picture and segmentation table."""
-    from radflow import mask
+    from radflow import mask, plausibility
 
     reference = args.reference or mask.reference_for(
         args.case_id, args.reference_template, args.id_map
@@ -340,11 +346,14 @@ def cmd_mask(args: argparse.Namespace) -> int:
         reference_names=args.reference_names,
         case_id=args.case_id,
         upstream=args.upstream,
+        qc=plausibility.QcSettings.from_dict(args.qc_settings),
     )
     if status.get("status") == "failed":
         print(f"{args.case_id}: {status['stage']} failed: {status['reason']}")
         return 0
     state = "usable" if status["usable"] else f"excluded: {status['reason']}"
+    if status["usable"] and status["flags"]:
+        state += f" (flagged: {', '.join(status['flags'])})"
     print(f"wrote {args.out}: shape {status['shape']}, ROI {status['roi_ml']:.1f} mL, {state}")
     return 0
 

@@ -22,7 +22,9 @@ class CaseDataset:
     ``channels``: ``image`` (the masked volume, through the intensity rule: by default the HU
     window to [0, 1]) and/or ``roi`` (the ROI mask on the same grid, 0/1) -- the input contract
     of ``radflow.inputs``, as training sees it but in RAS order (x, y, z). Paths in the manifest
-    are relative to ``root`` (default: the folder holding ``manifests/``).
+    are relative to ``root`` (default: the folder holding ``manifests/``). An unlabelled case
+    (empty ``label`` in the manifest) has label -1: filter with ``cases.label.notna()`` first
+    to train.
     """
 
     def __init__(
@@ -57,8 +59,8 @@ class CaseDataset:
 
     @property
     def labels(self) -> np.ndarray:
-        """Labels of every case, in order (for samplers and class weights)."""
-        return self.cases["label"].to_numpy(dtype=np.int64)
+        """Labels of every case, in order (for samplers and class weights); -1 = unlabelled."""
+        return self.cases["label"].astype("Float64").fillna(-1).to_numpy(dtype=np.int64)
 
     def array(self, i: int) -> np.ndarray:
         """The (C, X, Y, Z) float32 input of case ``i``."""
@@ -68,4 +70,5 @@ class CaseDataset:
         import torch
 
         row = self.cases.iloc[i]
-        return torch.from_numpy(self.array(i)), int(row["label"]), str(row["case_id"])
+        label = -1 if pd.isna(row["label"]) else int(row["label"])
+        return torch.from_numpy(self.array(i)), label, str(row["case_id"])

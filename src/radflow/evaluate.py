@@ -88,6 +88,7 @@ def evaluate(
     model, ck = load_checkpoint(checkpoint, dev)
     model.to(dev)
     cases = manifest.read(manifest_path)
+    manifest.labelled(cases, "evaluation")  # stops with one line when no case has a label
     cache = Cache(cases, root, InputSpec.from_checkpoint(ck), dev)
     prob = predict(model, cache, 4, dev.type == "cuda")
     preds = cases[["case_id", "subject_id", "split", "label"]].copy()
@@ -97,8 +98,10 @@ def evaluate(
         base, preds["baseline_probability"] = baseline(cases, root, spec.hu_window, bootstrap)
     except ValueError as exc:  # e.g. one class in train: the network's metrics still stand
         base, preds["baseline_probability"] = {"error": str(exc)}, np.nan
-    val = preds[preds["split"] == "val"]
-    test = preds[preds["split"] == "test"]
+    # every case is predicted; the threshold and the metrics use the labelled ones alone
+    known = preds[preds["label"].notna()].astype({"label": int})
+    val = known[known["split"] == "val"]
+    test = known[known["split"] == "test"]
     thr = youden_threshold(val["label"].to_numpy(), val["probability"].to_numpy())
     preds["prediction"] = (preds["probability"] >= thr).astype(int)
     result = {

@@ -148,7 +148,9 @@ class Cache:
         import torch
 
         self.case_ids = list(cases["case_id"])
-        self.labels = torch.tensor(cases["label"].to_numpy(), dtype=torch.long)
+        # -1: an unlabelled case (predicted, never in a loss or a metric)
+        labels = cases["label"].astype("Float64").fillna(-1).to_numpy(dtype="int64")
+        self.labels = torch.tensor(labels, dtype=torch.long)
         vols = [
             torch.from_numpy(read_case(r, spec.channels, root)) for r in cases.to_dict("records")
         ]

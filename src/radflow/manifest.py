@@ -1,7 +1,9 @@
 """manifest: the public contract downstream models read (cases, exclusions, splits, datalist).
 
 * ``manifests/cases.csv`` / ``cases.parquet``: one row per usable case, columns documented in
-  ``manifests/README.md`` and checked by a pandera schema on every write and read;
+  ``manifests/README.md`` and checked by a pandera schema on every write and read; a case
+  without a label (no sheet, or not in it) is a row with an empty ``label``: preprocessing-only
+  runs end here, and train/evaluate use the labelled rows alone (``labelled``);
 * ``manifests/excluded.csv``: every series or case that did not make it, with stage and reason;
 * ``manifests/datalist.json``: Medical Segmentation Decathlon form (MONAI
   ``load_decathlon_datalist`` reads it), and ``manifests/split_{train,val,test}.csv``;
@@ -51,7 +53,7 @@ CASES_SCHEMA = pa.DataFrameSchema(
         "subject_id": _col(str, regex=r"^sub-[0-9a-f]{12}$"),
         "study_id": _col(str, regex=r"^stu-[0-9a-f]{12}$"),
         "series_id": _col(str, regex=r"^ser-[0-9a-f]{12}$"),
-        "label": _col(int, ge=0),
+        "label": _col("Int64", nullable=True, ge=0),
         "split": _col(str, isin=list(SPLITS)),
         "fold": _col(int, ge=-1),
         "image": _col(str, **_PATH),
@@ -72,6 +74,7 @@ CASES_SCHEMA = pa.DataFrameSchema(
         "masked_sy_mm": _col(float, ge=0),
         "masked_sz_mm": _col(float, ge=0),
         "roi_volume_ml": _col(float, ge=0),
+        "flags": _col(str),
         "sha256_image": _col(str, **_SHA),
         "sha256_label_map": _col(str, **_SHA),
         "sha256_masked": _col(str, **_SHA),
@@ -115,7 +118,25 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
     """Read ``cases.parquet`` or ``cases.csv`` and return it validated."""
     path = Path(path)
     df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if "flags" in df.columns:  # CSV reads an empty text as missing
+        df["flags"] = df["flags"].fillna("")
     return validate(df)
+
+
+class NoLabelledCasesError(ValueError):
+    """A stage that needs labels got a manifest without a labelled case."""
+
+
+def labelled(cases: pd.DataFrame, what: str = "training") -> pd.DataFrame:
+    """The rows of a manifest with a label (unlabelled cases are for preprocessing only)."""
+    out = cases[cases["label"].notna()].copy()
+    if out.empty:
+        raise NoLabelledCasesError(
+            f"no labelled case in the manifest: {what} needs labels (set labels.path to a "
+            "sheet that names these cases); the manifests and masks are complete without them"
+        )
+    out["label"] = out["label"].astype(int)
+    return out
 
 
 # --------------------------------------------------------------------------- splits
@@ -171,7 +192,9 @@ def assign_splits(
             out.loc[i, "fold"] = pd.NA
     frac = settings.fractions()
     out["_order"] = [_order(s, settings.seed) for s in out["subject_id"]]
-    for _label, idx in out.sort_values("_order").groupby("label", sort=True).groups.items():
+    # unlabelled subjects are a stratum of their own (NA groups with dropna=False)
+    strata = out.sort_values("_order").groupby("label", sort=True, dropna=False)
+    for _label, idx in strata.groups.items():
         stratum = out.loc[idx].sort_values("_order")
         n = len(stratum)
         for i in stratum.index[stratum["split"].isna()]:
@@ -204,11 +227,13 @@ def config_hash(config: Mapping[str, Any] | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def exclusion(status: Mapping[str, Any], has_label: bool) -> dict[str, str] | None:
+def exclusion(status: Mapping[str, Any]) -> dict[str, str] | None:
     """Why a selected case stays out of the manifest (stage, code, reason), or None.
 
     The stage where the case failed comes first (convert, segment, mask: its mask record
-    carries an earlier stage's failure), then a missing label, then an unusable ROI.
+    carries an earlier stage's failure), then an unusable ROI (too small, or an implausible
+    segmentation: reason code IMPLAUSIBLE). A missing label excludes nothing: the case is a row
+    with an empty label.
     """
     if status.get("status", "ok") != "ok":
         return {
@@ -216,10 +241,9 @@ def exclusion(status: Mapping[str, Any], has_label: bool) -> dict[str, str] | No
             "reason_code": status.get("reason_code", ""),
             "reason": status.get("reason", ""),
         }
-    if not has_label:
-        return {"stage": "label", "reason_code": "NO_LABEL", "reason": "no label in the sheet"}
     if not status.get("usable"):
-        return {"stage": "mask", "reason_code": "ROI", "reason": status.get("reason", "")}
+        code = status.get("reason_code") or "ROI"
+        return {"stage": "mask", "reason_code": code, "reason": status.get("reason", "")}
     return None
 
 
@@ -246,7 +270,7 @@ def build(
     for r in inventory[inventory["selected"]].itertuples():
         files = paths.case_files(r.case_id)
         status = json.loads((root / paths.for_case(paths.MASK_STATUS, r.case_id)).read_text())
-        reason = exclusion(status, bool(r.has_label))
+        reason = exclusion(status)
         if reason is not None:
             excluded.append({"id": r.case_id, "subject_id": r.subject_id, **reason})
             continue
@@ -265,7 +289,7 @@ def build(
             "subject_id": r.subject_id,
             "study_id": r.study_id,
             "series_id": r.series_id,
-            "label": int(r.label),
+            "label": pd.NA if pd.isna(r.label) else int(r.label),
             **files,
             "image_nx": g["shape"][0],
             "image_ny": g["shape"][1],
@@ -280,6 +304,7 @@ def build(
             "masked_sy_mm": status["spacing_mm"][1],
             "masked_sz_mm": status["spacing_mm"][2],
             "roi_volume_ml": status["roi_ml"],
+            "flags": case_flags(getattr(r, "flags", ""), status, getattr(r, "has_label", None)),
             **{f"sha256_{k}": sha256(root / v) for k, v in files.items()},
             "slice_thickness_mm": r.slice_thickness_mm,
             "kernel": r.kernel,
@@ -290,7 +315,8 @@ def build(
         rows.append(row)
     cases = pd.DataFrame(rows)
     if cases.empty:
-        raise ValueError("no usable labelled case: see manifests/excluded.csv")
+        raise ValueError("no usable case: see manifests/excluded.csv")
+    cases["label"] = cases["label"].astype("Int64")
     subjects = cases.groupby("subject_id", as_index=False)["label"].max()
     assigned = assign_splits(subjects, settings, registry, given_splits(inventory))
     cases = cases.merge(assigned[["subject_id", "split", "fold"]], on="subject_id")
@@ -314,8 +340,21 @@ def given_splits(inventory: pd.DataFrame) -> dict[str, str]:
     return dict(zip(given, split[split != ""], strict=True))
 
 
+def case_flags(ingest_flags: Any, status: Mapping[str, Any], has_label: Any = None) -> str:
+    """A case's notes, semicolon-separated: the inventory's (series level, e.g. gantry_tilt),
+    ``no_label`` when a sheet is set but does not name the case (no sheet: unknown, no flag),
+    and the mask record's plausibility flags (e.g. liver:truncated)."""
+    text = "" if ingest_flags is None or pd.isna(ingest_flags) else str(ingest_flags)
+    out = [f for f in text.split(";") if f]
+    if has_label is not None and not pd.isna(has_label) and not has_label:
+        out.append("no_label")
+    out += status.get("flags", [])
+    return ";".join(dict.fromkeys(out))
+
+
 def datalist(cases: pd.DataFrame, base: str = "..") -> dict[str, Any]:
-    """MSD-style datalist; image paths relative to the manifests folder."""
+    """MSD-style datalist; image paths relative to the manifests folder (an unlabelled case's
+    item has no ``label``)."""
     out: dict[str, Any] = {"name": "radflow", "description": "masked CT volumes per case"}
     for split, key in (("train", "training"), ("val", "validation"), ("test", "test")):
         part = cases[cases["split"] == split]
@@ -323,7 +362,7 @@ def datalist(cases: pd.DataFrame, base: str = "..") -> dict[str, Any]:
             {
                 "image": f"{base}/{r.masked}",
                 "roi": f"{base}/{r.roi}",
-                "label": int(r.label),
+                **({} if pd.isna(r.label) else {"label": int(r.label)}),
                 "case_id": r.case_id,
                 "subject_id": r.subject_id,
                 "fold": int(r.fold),
@@ -365,8 +404,11 @@ def manifest(
     inventory = pd.read_parquet(inventory_path)
     if labels is not None and labels.path:
         inventory = relabel(inventory, labels, id_map)
-    if inventory["has_label"].isna().any():
-        inventory["has_label"] = inventory["has_label"].fillna(False)
+    elif labels is not None:  # labels.path null: every case unlabelled (unknown), whatever
+        inventory = inventory.assign(  # ingest saw
+            label=pd.array([pd.NA] * len(inventory), dtype="Int64"),
+            has_label=pd.array([pd.NA] * len(inventory), dtype="boolean"),
+        )
     reg_path = Path(out_dir) / "split_registry.csv"
     registry = pd.read_csv(reg_path) if reg_path.exists() else None
     cases, excluded, registry = build(inventory, root, settings, config, registry)
@@ -388,7 +430,11 @@ def relabel(inventory: pd.DataFrame, spec: Any, id_map: str | os.PathLike | None
 
 
 def summary(cases: pd.DataFrame) -> str:
-    """Cases per split and label, as a small table."""
-    return cases.pivot_table(
+    """Cases per split and label (unlabelled as "none"), as a small table."""
+    shown = cases.assign(label=cases["label"].astype(object).where(cases["label"].notna(), "none"))
+    table = shown.pivot_table(
         index="split", columns="label", values="case_id", aggfunc="count", fill_value=0
     ).to_string()
+    if cases["label"].isna().all():
+        table += "\nno labelled case: the manifests are for preprocessing only (no training)"
+    return table

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from radflow import geometry, paths, status
+from radflow import geometry, paths, plausibility, status
 from radflow.ids import case_keys_reader, fill_template
 from radflow.io import save_nifti, write_json
 from radflow.resampling import resample
@@ -221,6 +221,7 @@ def mask(
     reference_names: str | os.PathLike | None = None,
     case_id: str = "",
     upstream: Sequence[str | os.PathLike] = (),
+    qc: plausibility.QcSettings | None = None,
 ) -> dict[str, Any]:
     """Mask one case from files: masked volume, ROI mask, status JSON and optionally its QC.
 
@@ -228,7 +229,11 @@ def mask(
     Dice/IoU against ``reference`` when one is given. ``upstream``: the case's records of
     earlier stages (convert sidecar, label map JSON); when one says the case failed there, the
     status carries that failure over, the QC picture says so, and no volume is written.
+    ``qc``: the plausibility checks (``radflow.plausibility``; defaults when None): their flags
+    go to the status, the table and the picture, and with ``qc.implausible: exclude`` an
+    implausible case is not usable (reason code IMPLAUSIBLE).
     """
+    qc = qc or plausibility.QcSettings()
     names_path = names_path or paths.sidecar_of(seg_path)
     for rec in (*upstream, names_path):
         failed = status.read_upstream(rec, "segment") if Path(rec).exists() else None
@@ -245,6 +250,8 @@ def mask(
         image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
         seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
         res = apply_mask(image, img.affine, seg, names, settings, threads)
+        spacing = geometry.ras_spacing(img.affine)
+        checks = plausibility.check(seg, image, spacing, names, settings.rois, qc)
     except Exception as exc:  # noqa: BLE001 - a corrupt volume fails this case alone
         if status.is_environmental(exc):
             raise  # the machine's trouble, not the case's: the job fails and a rerun retries
@@ -252,13 +259,20 @@ def mask(
         return _carry_failure(
             failed, settings, out_path, roi_path, status_path, qc_png, seg_qc, case_id
         )
+    plaus = plausibility.summary(checks, qc)
+    usable, reason, code = res.usable, res.reason, "" if res.usable else "ROI"
+    if usable and plaus["exclude"]:
+        usable, reason, code = False, plaus["reason"], "IMPLAUSIBLE"
     save_nifti(res.masked, res.affine, out_path, threads=threads)
     save_nifti(res.roi, res.affine, roi_path, threads=threads)
     record = {
         "status": status.OK,
         "stage": "mask",
-        "usable": res.usable,
-        "reason": res.reason,
+        "usable": usable,
+        "reason_code": code,
+        "reason": reason,
+        "flags": plaus["flags"],
+        "plausibility": plaus["rois"],
         "roi_ml": round(res.roi_ml, 3),
         "rois": list(settings.rois),
         "crop_bbox_vox": res.bbox_vox,
@@ -266,13 +280,16 @@ def mask(
         "spacing_mm": [round(float(v), 6) for v in geometry.ras_spacing(res.affine)],
         "affine": np.round(res.affine, 6).tolist(),
         "settings": asdict(settings),
+        "qc_settings": asdict(qc),
     }
     if qc_png is not None:
         from radflow.qc import triplanar_png
 
         title = f"{case_id}   {'+'.join(settings.rois)} {res.roi_ml:.1f} mL"
-        if not res.usable:
-            title += f"   EXCLUDED: {res.reason}"
+        if not usable:
+            title += f"   EXCLUDED: {reason}"
+        elif plaus["flags"]:
+            title += f"   FLAGGED: {', '.join(plaus['flags'])}"
         triplanar_png(image, img.affine, res.roi_on_input, qc_png, title)
     if seg_qc is not None:
         from radflow.qc import segmentation_rows, write_seg_qc
@@ -282,9 +299,30 @@ def mask(
             r = nib.load(str(reference))
             ref_names = load_names(reference_names or paths.sidecar_of(reference))
             ref = (np.asanyarray(r.dataobj), r.affine, ref_names)
-        write_seg_qc(segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref), seg_qc)
+        rows = segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref)
+        write_seg_qc(with_checks(rows, checks), seg_qc)
     write_json(status_path, record)  # last: the job's record says the outputs are complete
     return record
+
+
+def with_checks(
+    rows: list[dict[str, Any]], checks: Sequence[plausibility.RoiCheck]
+) -> list[dict[str, Any]]:
+    """The segmentation table's rows with each ROI's plausibility measurements and flags."""
+    by_roi = {c.roi: c.as_dict() for c in checks}
+    out = []
+    for row in rows:
+        c = by_roi.get(row["roi"], {})
+        out.append(
+            {
+                **row,
+                "mean_hu": c.get("mean_hu"),
+                "boundary_share": c.get("boundary_share"),
+                "components": c.get("components"),
+                "flags": ";".join(c.get("flags", [])),
+            }
+        )
+    return out
 
 
 def _carry_failure(

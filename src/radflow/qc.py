@@ -134,7 +134,18 @@ def segmentation_rows(
     return rows
 
 
-SEG_QC_COLUMNS = ["case_id", "roi", "volume_ml", "reference_volume_ml", "dice", "iou"]
+SEG_QC_COLUMNS = [
+    "case_id",
+    "roi",
+    "volume_ml",
+    "reference_volume_ml",
+    "dice",
+    "iou",
+    "mean_hu",
+    "boundary_share",
+    "components",
+    "flags",
+]
 
 
 def write_seg_qc(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -133,6 +133,53 @@ def check_weights(settings: SegmentSettings) -> Path:
     return root
 
 
+# A weights folder that declares itself the demo's phantom, and a cohort folder (beside its raw/)
+# that declares itself written by `radflow demo-data`. Files, not path strings: a copied or
+# moved demo is still the demo, and a real tree named data/demo/raw is not.
+PHANTOM_MARKER = "radflow-phantom.json"
+DEMO_MARKER = "radflow-demo.json"
+
+
+def is_phantom(weights_dir: str | os.PathLike) -> bool:
+    """True when ``weights_dir`` holds the phantom's marker (radflow's demo-only model)."""
+    return (Path(weights_dir) / PHANTOM_MARKER).is_file()
+
+
+def is_demo_cohort(raw_dir: str | os.PathLike) -> bool:
+    """True when ``raw_dir`` is the raw tree of a cohort ``radflow demo-data`` wrote: the
+    cohort folder holds the demo marker and the marker names this folder as its raw tree."""
+    raw = Path(raw_dir)
+    marker = raw.parent / DEMO_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("raw") == raw.name
+
+
+def phantom_guard(
+    backend: str, weights_dir: str | os.PathLike, raw_dir: str | os.PathLike, allow: bool
+) -> str:
+    """Why the workflow must not start (the phantom weights on a cohort other than the demo's),
+    or "" when it may. A ``raw_dir`` that does not exist (yet) is Snakemake's missing input,
+    named when ingest needs it; the guard waits for it."""
+    if backend != "totalsegmentator" or allow or not is_phantom(weights_dir):
+        return ""
+    if not Path(raw_dir).is_dir():
+        return ""
+    if is_demo_cohort(raw_dir):
+        return ""
+    return (
+        f"segment.weights_dir ({weights_dir}) holds radflow's phantom model, which knows only "
+        "the synthetic demo cohort, but raw_dir is not a radflow demo cohort (no "
+        f"{DEMO_MARKER} beside it): its masks would be meaningless. Point segment.weights_dir "
+        "at TotalSegmentator's weights (resources/README.md), or set segment.allow_phantom: "
+        "true to run the phantom anyway"
+    )
+
+
 @contextlib.contextmanager
 def offline_environment(weights_dir: Path, threads: int) -> Iterator[Path]:
     """A private TotalSegmentator home with usage statistics off, weights from ``weights_dir``."""

@@ -281,7 +281,7 @@ def setup(
     device = resolve_device(settings.device)
     amp = settings.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     seed_everything(settings.seed)
-    cases = manifest.read(manifest_path)
+    cases = manifest.labelled(manifest.read(manifest_path), "training")  # unlabelled: no loss
     train_df, val_df = split_frames(cases, settings.fold)
     n_classes = int(cases["label"].max()) + 1
     spec = settings.inputs

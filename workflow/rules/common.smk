@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shlex
+import sys
 from functools import lru_cache
 
 import pandas as pd

@@ -38,3 +38,10 @@ rule manifest:
         "radflow manifest {input.inventory:q} {params.out:q} --root . "
         "--settings {params.settings:q} --config-hash {params.config_hash:q} "
         "--labels {params.labels:q} --id-map {input.id_map:q} > {log:q} 2>&1"
+
+
+rule manifest_all:
+    input:
+        paths.INVENTORY_PARQUET,
+        paths.SEG_QC_TABLE,
+        MANIFESTS,

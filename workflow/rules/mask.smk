@@ -34,12 +34,14 @@ rule mask:
         seg=paths.SEG,
         masked=paths.MASKED,
         roi=paths.ROI,
+        qc_settings=as_json(without(config["qc"], "reference")),
         options=mask_options(),
     shell:
         "radflow mask {params.image:q} {params.seg:q} {params.masked:q} "
         "--roi-out {params.roi:q} --status {output.status:q} --qc {output.qc:q} "
         "--seg-qc {output.seg_qc:q} --upstream {input.sidecar:q} "
-        "--settings {params.settings:q} --case-id {wildcards.case:q} {params.options} "
+        "--settings {params.settings:q} --qc-settings {params.qc_settings:q} "
+        "--case-id {wildcards.case:q} {params.options} "
         "--threads {threads} > {log:q} 2>&1"
 
 

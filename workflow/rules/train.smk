@@ -1,3 +1,6 @@
+include: "helpers/train.smk"
+
+
 rule train:
     input:
         manifest=paths.CASES_PARQUET,

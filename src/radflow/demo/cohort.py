@@ -857,6 +857,10 @@ def make_cohort(out_dir: str | os.PathLike, settings: DemoSettings, workers: int
         w.writeheader()
         w.writerows(rows)
     (tmp / "settings.json").write_text(json.dumps(asdict(settings), indent=2))
+    from radflow.segment import DEMO_MARKER  # lets the phantom weights run on this cohort
+
+    marker = {"radflow_demo": True, "raw": raw.name, "note": "synthetic cohort, no real data"}
+    (tmp / DEMO_MARKER).write_text(json.dumps(marker, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

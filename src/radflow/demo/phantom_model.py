@@ -351,4 +351,19 @@ def save(net: Any, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     torch.save(ckpt, folder / "fold_0" / "checkpoint_final.pth")
     write_sha256sums(folder)  # radflow verifies the model files against it before loading
     (Path(out_dir) / "training.json").write_text(json.dumps(meta, indent=1))
+    write_phantom_marker(out_dir)
     return folder
+
+
+def write_phantom_marker(out_dir: str | os.PathLike) -> Path:
+    """Declare ``out_dir`` the phantom's weights folder: the workflow then refuses to run it on
+    a cohort other than the demo's unless segment.allow_phantom is set."""
+    from radflow.segment import PHANTOM_MARKER
+
+    path = Path(out_dir) / PHANTOM_MARKER
+    info = {
+        "radflow_phantom": True,
+        "note": "trained only on renderings of the radflow demo phantom; meaningless on real CT",
+    }
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path

@@ -28,7 +28,11 @@ def config_hash():
     def what(k, v):
         if k == "ids":
             return {"salt": fingerprint(v["salt"])}
-        return without(v, "threads", "batches") if isinstance(v, dict) else v
+        return (
+            without(v, "threads", "batches", "allow_phantom")
+            if isinstance(v, dict)
+            else v
+        )
 
     text = as_json({k: what(k, config.get(k)) for k in UPSTREAM})
     return hashlib.sha256(text.encode()).hexdigest()[:16]

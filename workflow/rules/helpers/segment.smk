@@ -1,11 +1,28 @@
 # Helpers of the segment rules (workflow/rules/segment.smk): input functions, params.
-from radflow.segment import group_of
+from radflow.segment import group_of, phantom_guard
 
 
 def segment_settings():
-    s = without(config["segment"], "threads", "precomputed", "batches")
+    s = without(config["segment"], "threads", "precomputed", "batches", "allow_phantom")
     s["weights_dir"] = resolve_resource(s["weights_dir"])
     return s
+
+
+def guard_phantom():
+    """The phantom weights on a cohort other than the demo's stop the workflow at start, before
+    any case is segmented (segment.allow_phantom: true lets them run)."""
+    seg = config["segment"]
+    why = phantom_guard(
+        seg["backend"],
+        resolve_resource(seg["weights_dir"]),
+        config["raw_dir"],
+        seg["allow_phantom"],
+    )
+    if why:
+        raise WorkflowError(why)
+
+
+guard_phantom()
 
 
 def segment_gpus():
