@@ -36,7 +36,8 @@ import numpy as np
 
 from radflow.io import atomic_path
 
-GROUPS = ("TP", "FP", "FN", "TN", "unlabelled")
+# positive / negative: predicted, without a label (a predict cohort without labels)
+GROUPS = ("TP", "FP", "FN", "TN", "positive", "negative", "unlabelled")
 GZIP_LEVEL = 6  # on noisy 64³ CT + CAM + ROI, level 9 saves < 1 % at twice the time
 
 # The placeholders of page.html, each used once. A block placeholder stands alone on its line and
@@ -73,7 +74,7 @@ def confidence(case: ViewerCase) -> float:
 
 
 def order_cases(cases: Sequence[ViewerCase]) -> list[ViewerCase]:
-    """Cases in display order: by group (TP, FP, FN, TN, unlabelled), most confident first."""
+    """Cases in display order: by group (``GROUPS``), most confident first."""
     return sorted(cases, key=lambda c: (GROUPS.index(c.group), -confidence(c), c.case_id))
 
 

@@ -3,9 +3,10 @@
 const DATA = JSON.parse(document.getElementById("radflow-data").textContent);
 const CASES = DATA.cases;
 const GROUP_NAMES = {TP: "True positive", FP: "False positive", FN: "False negative",
-  TN: "True negative", unlabelled: "Unlabelled"};
+  TN: "True negative", positive: "Predicted positive (no label)",
+  negative: "Predicted negative (no label)", unlabelled: "Unlabelled"};
 const GROUP_COLOURS = {TP: "var(--tp)", FP: "var(--fp)", FN: "var(--fn)", TN: "var(--tn)",
-  unlabelled: "var(--unlabelled)"};
+  positive: "var(--fp)", negative: "var(--tn)", unlabelled: "var(--unlabelled)"};
 // A view shows the plane through pos[fixed]; screen x runs along axis h, screen y along axis v.
 // Both run against the RAS+ axes: patient's right / anterior / superior sit left / up.
 const VIEWS = {
