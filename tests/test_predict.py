@@ -141,9 +141,7 @@ def predicted(trained, demo_cohort, tmp_path_factory):
     raw = tmp_path_factory.mktemp("newcohort") / "raw"
     for subject in sorted((demo_cohort / "raw").iterdir())[:3]:
         shutil.copytree(subject, raw / subject.name)
-    before = {
-        d: tree_digest(trained / d) for d in ("manifests", paths.EVAL_DIR, paths.EXPLAIN_DIR)
-    }
+    before = {d: tree_digest(trained / d) for d in ("manifests", paths.EVAL_DIR, paths.EXPLAIN_DIR)}
     proc = snakemake(
         trained,
         "predict_all",
@@ -212,11 +210,9 @@ def test_one_study_api_gives_evaluate_s_probability(predicted):
         assert abs(res.probability - old.loc[case, "probability"]) < 1e-5
         assert res.prediction == int(res.probability >= model.threshold)
         assert set(res.seconds) == {"select", "convert", "segment", "mask", "model", "cam"}
-        assert res.cam.shape[:3] == tuple(
-            json.loads((work / paths.PREDICT_WORK / paths.for_case(paths.SIDECAR, case)).read_text())[
-                "geometry"
-            ]["source_shape"]
-        )
+        sidecar = work / paths.PREDICT_WORK / paths.for_case(paths.SIDECAR, case)
+        geometry = json.loads(sidecar.read_text())["geometry"]
+        assert res.cam.shape[:3] == tuple(geometry["source_shape"])
 
 
 def test_one_study_that_fails_selection_is_refused_with_its_reason(predicted, tmp_path):

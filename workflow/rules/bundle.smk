@@ -16,7 +16,7 @@ rule model:
     benchmark:
         "benchmarks/model.tsv"
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/bundle.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -24,7 +24,7 @@ rule model:
         preprocessing=as_json(bundle_preprocessing()),
         explain=as_json(bundle_explain()),
         weights=resolve_resource(config["segment"]["weights_dir"]),
-        out=paths.MODEL_DIR,
+        out=lambda wc, output: os.path.dirname(output[0]),
     shell:
         "radflow bundle {input.checkpoint:q} {input.metrics:q} {input.manifest:q} "
         "{params.out:q} --preprocessing {params.preprocessing:q} "

@@ -17,19 +17,21 @@ rule predict_cases:
     benchmark:
         "benchmarks/predict_cases.tsv"
     conda:
-        "../../envs/segment.yaml"
+        "../../envs/predict.yaml"
     threads: config["predict"]["threads"]
     resources:
         mem_mb=6000,
     params:
         config=predict_config(),
         weights=resolve_resource(config["segment"]["weights_dir"]),
+        # the running Snakemake, whatever the job's environment
+        python=sys.executable,
         snakefile=workflow.main_snakefile,
-        work=paths.PREDICT_WORK,
+        work=lambda wc, output: os.path.dirname(os.path.dirname(output.config)),
     shell:
         "radflow predict-config {input.bundle:q} {output.config:q} "
         "--config {params.config:q} --segment-weights {params.weights:q} > {log:q} 2>&1 && "
-        "snakemake -s {params.snakefile:q} -d {params.work:q} --cores {threads} "
+        "{params.python:q} -m snakemake -s {params.snakefile:q} -d {params.work:q} --cores {threads} "
         "mask_all >> {log:q} 2>&1"
 
 
@@ -47,15 +49,18 @@ rule predict:
     benchmark:
         "benchmarks/predict.tsv"
     conda:
-        "../../envs/explain.yaml"
+        "../../envs/predict.yaml"
     threads: config["predict"]["threads"]
     resources:
         mem_mb=8000,
         gpu=0 if config["predict"]["device"] == "cpu" else 1,
     params:
-        model=config["predict"]["model"],
-        work=paths.PREDICT_WORK,
-        out=paths.PREDICT_DIR,
+        model=lambda wc, input: os.path.dirname(input.bundle[0]),
+        # results/predict/work/results/qc/segmentation.csv -> results/predict/work
+        work=lambda wc, input: os.path.dirname(
+            os.path.dirname(os.path.dirname(input.qc))
+        ),
+        out=lambda wc, output: os.path.dirname(output.predictions),
         device=config["predict"]["device"],
         bootstrap=config["evaluate"]["bootstrap"],
     shell:

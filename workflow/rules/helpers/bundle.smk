@@ -1,10 +1,10 @@
-# Helpers of the bundle rule (workflow/rules/bundle.smk): params.
-from radflow import bundle
+# Helpers of workflow/rules/bundle.smk: params.
+from radflow.bundle import preprocessing
 
 
 def bundle_preprocessing():
     """The settings that made the training cases (radflow.bundle.preprocessing)."""
-    return bundle.preprocessing(config)
+    return preprocessing(config)
 
 
 def bundle_explain():

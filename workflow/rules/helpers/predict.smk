@@ -1,4 +1,7 @@
 # Helpers of the predict rules (workflow/rules/predict.smk): params.
+import sys
+
+
 def predict_config():
     """The project's config for radflow predict-config, without the salt (it reaches the job
     through the environment, never a command line)."""
