@@ -188,7 +188,7 @@ def test_predict_all_lists_why_series_were_left_out(predicted):
     work, proc, *_ = predicted
     assert proc.returncode == 0
     excl = pd.read_csv(work / paths.PREDICT_EXCLUDED)
-    assert (excl["reason"].str.len() > 0).all() and "LOCALIZER" in set(excl["reason_code"])
+    assert (excl["reason"].str.len() > 0).all() and "IMAGE_TYPE" in set(excl["reason_code"])
     # no raw identifier in the public outputs
     text = (work / paths.PREDICTIONS_NEW).read_text() + excl.to_csv()
     assert "MRN" not in text and "ACC" not in text

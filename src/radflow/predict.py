@@ -387,7 +387,7 @@ def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
         if why is not None:
             excluded.append({"id": r.case_id, "subject_id": r.subject_id, **why})
             continue
-        has_label = bool(getattr(r, "has_label", False)) and not pd.isna(r.label)
+        has_label = "label" in inv and not pd.isna(r.label)  # has_label may be NA
         rows.append(
             {
                 "case_id": r.case_id,

@@ -23,7 +23,7 @@ rule model:
     params:
         preprocessing=as_json(bundle_preprocessing()),
         explain=as_json(bundle_explain()),
-        weights=resolve_resource(config["segment"]["weights_dir"]),
+        weights=os.path.abspath(resolve_resource(config["segment"]["weights_dir"])),
         out=lambda wc, output: os.path.dirname(output[0]),
     shell:
         "radflow bundle {input.checkpoint:q} {input.metrics:q} {input.manifest:q} "

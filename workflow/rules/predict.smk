@@ -23,7 +23,7 @@ rule predict_cases:
         mem_mb=6000,
     params:
         config=predict_config(),
-        weights=resolve_resource(config["segment"]["weights_dir"]),
+        weights=os.path.abspath(resolve_resource(config["segment"]["weights_dir"])),
         # the running Snakemake, whatever the job's environment
         python=sys.executable,
         snakefile=workflow.main_snakefile,
