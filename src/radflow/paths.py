@@ -66,7 +66,8 @@ PREDICT_DIR = f"{RESULTS}/predict"
 # there with the bundle's settings, so every template above holds under it (``under``) and the
 # training cohort's files are never touched. Its results/private/ holds its raw identifiers.
 PREDICT_WORK = f"{PREDICT_DIR}/work"
-PREDICT_CONFIG = f"{PREDICT_WORK}/config/config.yaml"
+PREDICT_CONFIG_NAME = "config/config.yaml"  # a project folder's config (the Snakefile's)
+PREDICT_CONFIG = f"{PREDICT_WORK}/{PREDICT_CONFIG_NAME}"
 PREDICTIONS_NEW = f"{PREDICT_DIR}/predictions.csv"
 PREDICT_METRICS = f"{PREDICT_DIR}/metrics.json"
 PREDICT_EXCLUDED = f"{PREDICT_DIR}/excluded.csv"

@@ -366,10 +366,18 @@ def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     Cases carry the manifest's file columns (relative to ``work``) and the label (NaN when the
     sheet has none); excluded rows say at which stage and why, as manifests/excluded.csv does.
     """
-    from radflow.manifest import exclusion
+    import yaml
+
+    from radflow.labels import LabelSpec
+    from radflow.manifest import exclusion, relabel
 
     work = Path(work)
     inv = pd.read_parquet(work / paths.INVENTORY_PARQUET)
+    # labels join through the private id map, as in the manifest (never at ingest)
+    cfg = yaml.safe_load((work / paths.PREDICT_CONFIG_NAME).read_text())
+    spec = LabelSpec.from_dict(cfg["labels"])
+    if spec.path:
+        inv = relabel(inv, spec, work / paths.ID_MAP_PARQUET)
     excluded = [
         {
             "id": r.series_id,
