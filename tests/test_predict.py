@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import yaml
 
@@ -201,10 +202,8 @@ def test_one_study_api_gives_evaluate_s_probability(predicted):
     old = pd.read_csv(work / paths.PREDICTIONS).set_index("case_id")
     studies = sorted(p for p in raw.glob("*/*") if p.is_dir())[:2]
     for study in studies:
-        uid = next(f for f in study.rglob("*") if f.is_file() and f.suffix != ".txt")
-        import pydicom
-
-        study_uid = pydicom.dcmread(uid, stop_before_pixels=True).StudyInstanceUID
+        first = next(f for f in study.glob("002_*/*") if f.is_file())
+        study_uid = pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
         case = ids[ids["StudyInstanceUID"] == study_uid]["case_id"].dropna().iloc[0]
         res = model.predict(study)
         assert abs(res.probability - old.loc[case, "probability"]) < 1e-5
