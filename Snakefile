@@ -22,6 +22,8 @@ include: "workflow/rules/manifest.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/explain.smk"
+include: "workflow/rules/bundle.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:

@@ -17,7 +17,7 @@ def test_without_labels_the_workflow_ends_at_the_manifests(demo_cohort, tmp_path
     proc = snakemake(work, *NO_LABELS)  # the default target, as a user runs it
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "labels.path is null: preprocessing only" in out
+    assert "no labels (labels.path null, no label column in the sheet): preprocessing only" in out
     assert not (work / "results" / "train").exists()  # training never started
 
     cases = manifest.read(work / "manifests" / "cases.csv")

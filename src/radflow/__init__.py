@@ -7,6 +7,9 @@ The public API for downstream models, importable from the top::
     cases = read_manifest("manifests/cases.parquet")    # schema-checked DataFrame
     train = CaseDataset("manifests/cases.parquet", split="train", channels=("image", "roi"))
 
+    model = load_model("results/model")                 # a verified bundle, loaded once
+    result = model.predict("new_study/")                # probability, prediction, CAM
+
 Each workflow stage is a module with one entry point of its name (``radflow.convert.convert``,
 ``radflow.segment.segment``, ``radflow.mask.mask``, ...); the output layout is
 ``radflow.paths``. Names are imported on first use, so ``import radflow`` stays light.
@@ -25,8 +28,9 @@ _API = {
     "read_manifest": ("radflow.manifest", "read"),
     "CaseDataset": ("radflow.data", "CaseDataset"),
     "paths": ("radflow.paths", None),
+    "load_model": ("radflow.predict", "load_model"),
 }
-__all__ = ["CaseDataset", "__version__", "paths", "read_manifest"]
+__all__ = ["CaseDataset", "__version__", "load_model", "paths", "read_manifest"]
 
 
 def __getattr__(name: str) -> Any:

@@ -570,6 +570,130 @@ def cmd_explain_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bundle, predict
+
+
+@command
+def _add_bundle(sub: Sub) -> None:
+    b = sub.add_parser("bundle", help="write the model bundle (results/model)")
+    b.add_argument("checkpoint", help="results/train/best.pt")
+    b.add_argument("metrics", help="results/eval/metrics.json (threshold, metrics)")
+    b.add_argument("manifest", help="manifests/cases.parquet (the training cohort)")
+    b.add_argument("out_dir", help="results/model")
+    b.add_argument(
+        "--preprocessing", type=_json_arg, required=True, help="preprocessing settings (JSON)"
+    )
+    b.add_argument("--explain", type=_json_arg, default={}, help="explain settings as JSON")
+    b.add_argument("--faithfulness", default=None, help="results/explain/faithfulness.json")
+    b.add_argument("--segment-weights", default=None, help="segmentation weights folder used")
+    b.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Write the self-describing model bundle."""
+    from radflow import bundle
+
+    meta = bundle.bundle(
+        args.checkpoint,
+        args.metrics,
+        args.manifest,
+        args.out_dir,
+        args.preprocessing,
+        args.explain,
+        args.faithfulness,
+        args.segment_weights,
+    )
+    thr = meta["threshold"]
+    print(f"model bundle written to {args.out_dir}: {meta['architecture']}, threshold {thr:.3f}")
+    return 0
+
+
+@command
+def _add_predict(sub: Sub) -> None:
+    p = sub.add_parser("predict", help="one study (a DICOM folder) through a model bundle")
+    p.add_argument("bundle", help="model bundle folder (results/model)")
+    p.add_argument("input", help="one study: a DICOM folder")
+    p.add_argument("--out", required=True, help="folder for prediction.json and cam.nii.gz")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--segment-weights", default=None, help="segmentation weights (default: the bundle's)"
+    )
+    _threads_arg(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """One study: probability, prediction at the bundle's threshold, CAM on its grid."""
+    from radflow import predict
+    from radflow.status import CaseFailedError
+
+    try:
+        r = predict.predict_study(
+            args.bundle,
+            args.input,
+            args.out,
+            args.device,
+            _threads(args.threads),
+            args.segment_weights,
+        )
+    except CaseFailedError as exc:
+        print(f"radflow predict: refused {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    p, thr = r["probability"], r["threshold"]
+    print(f"probability {p:.6f} prediction {r['prediction']} (threshold {thr:.3f})")
+    return 0
+
+
+@command
+def _add_predict_config(sub: Sub) -> None:
+    p = sub.add_parser("predict-config", help="the predict cohort's config from a bundle")
+    p.add_argument("bundle", help="model bundle folder's model.json or the folder")
+    p.add_argument("out", help="results/predict/work/config/config.yaml")
+    p.add_argument("--config", type=_json_arg, required=True, help="project config (JSON, no salt)")
+    p.add_argument("--salt", default=None, help=f"pseudonym key (default: ${SALT_ENV})")
+    p.add_argument("--segment-weights", default=None, help="segmentation weights folder")
+    p.set_defaults(func=cmd_predict_config)
+
+
+def cmd_predict_config(args: argparse.Namespace) -> int:
+    """Check the project's config against the bundle and write the predict cohort's config."""
+    from pathlib import Path
+
+    from radflow import predict
+
+    bundle = Path(args.bundle)
+    bundle = bundle.parent if bundle.name == "model.json" else bundle
+    salt = _salt(args.salt)
+    predict.write_cohort_config(bundle, args.out, args.config, salt, args.segment_weights)
+    print(f"predict cohort config written to {args.out}")
+    return 0
+
+
+@command
+def _add_predict_cohort(sub: Sub) -> None:
+    p = sub.add_parser("predict-cohort", help="predict and explain a predict cohort's cases")
+    p.add_argument("bundle", help="model bundle folder (results/model)")
+    p.add_argument("work", help="the predict cohort's project folder (results/predict/work)")
+    p.add_argument("out_dir", help="results/predict")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--bootstrap", type=int, default=1000, help="AUC bootstrap resamples")
+    _threads_arg(p)
+    p.set_defaults(func=cmd_predict_cohort)
+
+
+def cmd_predict_cohort(args: argparse.Namespace) -> int:
+    """predictions.csv, excluded.csv, metrics.json and the review page of a predict cohort."""
+    from radflow import predict
+
+    r = predict.predict(
+        args.bundle, args.work, args.out_dir, args.device, _threads(args.threads), args.bootstrap
+    )
+    ev = r["external_validation"]
+    auc = "n/a (no labels)" if ev is None else f"{ev['auc']:.3f}"
+    print(f"{r['n_cases']} cases predicted, {r['n_excluded']} excluded; AUC {auc}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry
 
 

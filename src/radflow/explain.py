@@ -329,9 +329,12 @@ def explain(
 
 
 def outcome(label: Any, prediction: Any) -> str:
-    """TP / FP / FN / TN, or ``unlabelled``."""
-    if label is None or prediction is None or (isinstance(label, float) and np.isnan(label)):
+    """TP / FP / FN / TN; without a label the prediction (``positive`` / ``negative``), or
+    ``unlabelled`` without either."""
+    if prediction is None:
         return "unlabelled"
+    if label is None or (isinstance(label, float) and np.isnan(label)):
+        return "positive" if int(prediction) else "negative"
     return {(1, 1): "TP", (0, 1): "FP", (1, 0): "FN", (0, 0): "TN"}[(int(label), int(prediction))]
 
 

@@ -58,6 +58,21 @@ PREDICTIONS = f"{EVAL_DIR}/predictions.csv"
 METRICS = f"{EVAL_DIR}/metrics.json"
 EXPLAIN_DIR = f"{RESULTS}/explain"
 
+# ---------------------------------------------------------------- the model bundle, predict
+MODEL_DIR = f"{RESULTS}/model"
+BUNDLE_FILES = tuple(f"{MODEL_DIR}/{n}" for n in ("weights.pt", "model.json", "MODEL_CARD.md"))
+PREDICT_DIR = f"{RESULTS}/predict"
+# The predict cohort's own project folder: the workflow's per-case rules (ingest to mask) run
+# there with the bundle's settings, so every template above holds under it (``under``) and the
+# training cohort's files are never touched. Its results/private/ holds its raw identifiers.
+PREDICT_WORK = f"{PREDICT_DIR}/work"
+PREDICT_CONFIG_NAME = "config/config.yaml"  # a project folder's config (the Snakefile's)
+PREDICT_CONFIG = f"{PREDICT_WORK}/{PREDICT_CONFIG_NAME}"
+PREDICTIONS_NEW = f"{PREDICT_DIR}/predictions.csv"
+PREDICT_METRICS = f"{PREDICT_DIR}/metrics.json"
+PREDICT_EXCLUDED = f"{PREDICT_DIR}/excluded.csv"
+PREDICT_EXPLAIN = f"{PREDICT_DIR}/explain"
+
 # The files of one case the manifest lists (column -> template); their sha256 go beside them.
 CASE_FILES = {
     "image": NIFTI,
@@ -96,3 +111,8 @@ def explain_file(case_id: str, kind: str) -> str:
     if kind in ("png", "json"):
         return f"{EXPLAIN_DIR}/{case_id}.{kind}"
     return f"{EXPLAIN_DIR}/{case_id}_{kind}.nii.gz"
+
+
+def under(root: str, template: str) -> str:
+    """A layout path inside another project folder (the predict cohort's ``PREDICT_WORK``)."""
+    return f"{root}/{template}"

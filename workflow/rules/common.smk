@@ -92,10 +92,19 @@ def input_spec():
         from radflow.sheet import SheetError, read_sheet
 
         try:
-            read_sheet(location, label_spec())
+            sheet = read_sheet(location, label_spec())
         except SheetError as exc:
             raise WorkflowError(str(exc)) from None
+        _SHEET["labelled"] = bool(sheet["label"].notna().any())
     return spec, location
+
+
+_SHEET = {"labelled": False}
+
+
+def has_labels():
+    """Labels from a labels sheet, or a NIfTI cohort sheet's own label column."""
+    return bool(label_spec().path) or _SHEET["labelled"]
 
 
 # ---------------------------------------------------------------- the labels sheet

@@ -42,7 +42,8 @@ import numpy as np
 from radflow.io import atomic_path
 from radflow.viewer.encode import nifti_base64
 
-GROUPS = ("TP", "FP", "FN", "TN", "unlabelled")
+# positive / negative: predicted, without a label (a predict cohort without labels)
+GROUPS = ("TP", "FP", "FN", "TN", "positive", "negative", "unlabelled")
 NIIVUE_JS = "niivue.umd.js"  # beside the page; the vendored NiiVue UMD build
 NIIVUE_VERSION = "0.69.0"  # = web/package.json (a test checks both and the file)
 CASE_DIR = "review"  # per-case data scripts, beside the page
@@ -84,7 +85,7 @@ def confidence(case: ViewerCase) -> float:
 
 
 def order_cases(cases: Sequence[ViewerCase]) -> list[ViewerCase]:
-    """Cases in display order: by group (TP, FP, FN, TN, unlabelled), most confident first."""
+    """Cases in display order: by group (``GROUPS``), most confident first."""
     return sorted(cases, key=lambda c: (GROUPS.index(c.group), -confidence(c), c.case_id))
 
 

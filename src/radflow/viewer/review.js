@@ -3,9 +3,10 @@
 const DATA = JSON.parse(document.getElementById("radflow-data").textContent);
 const CASES = DATA.cases;
 const GROUP_NAMES = {TP: "True positive", FP: "False positive", FN: "False negative",
-  TN: "True negative", unlabelled: "Unlabelled"};
+  TN: "True negative", positive: "Predicted positive (no label)",
+  negative: "Predicted negative (no label)", unlabelled: "Unlabelled"};
 const GROUP_COLOURS = {TP: "var(--tp)", FP: "var(--fp)", FN: "var(--fn)", TN: "var(--tn)",
-  unlabelled: "var(--unlabelled)"};
+  positive: "var(--fp)", negative: "var(--tn)", unlabelled: "var(--unlabelled)"};
 // A slider moves the slice of one plane: the RAS+ voxel axis that the plane holds fixed.
 const PLANES = {axial: {axis: 2, name: "z"}, coronal: {axis: 1, name: "y"},
   sagittal: {axis: 0, name: "x"}};

@@ -1,0 +1,494 @@
+"""predict: a bundled model applied to new studies, with the bundle's preprocessing only.
+
+* ``load_model(bundle)`` -> ``Predictor``: torch, the network and (on first use) the
+  segmentation model load once; ``Predictor.predict(path)`` takes one study (a DICOM folder)
+  through selection, convert, segment and mask with the settings recorded in the bundle and
+  returns the probability, the prediction at the bundle's threshold and the Grad-CAM on the
+  input's grid (``StudyPrediction``); a study that fails selection or QC raises
+  ``status.CaseFailedError`` with its code and reason.
+* ``cohort_config``: the workflow config of a predict cohort (``results/predict/work/``, where
+  the workflow's own per-case rules run on ``predict.raw_dir``): the bundle's preprocessing,
+  and an error naming every key where the project's config differs from it.
+* ``predict``: the cohort stage: every selected case of the predict cohort's inventory is
+  predicted (a case that failed a stage is listed in ``excluded.csv`` with its reason), CAMs and
+  the review page are written, and with labels ``metrics.json`` holds the external validation
+  at the bundle's threshold.
+
+Probabilities go through ``inputs.Cache`` and ``model.predict`` as in evaluate, so a case gets
+the same probability from both (tests/test_predict.py checks to 1e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from radflow import bundle, paths, status
+from radflow.io import write_json, write_table
+
+SHEET_SUFFIXES = (".csv", ".tsv", ".xlsx")
+
+
+# --------------------------------------------------------------------------- cohort config
+
+
+def cohort_input(cfg: dict[str, Any], source: str) -> None:
+    """Point a predict cohort's config at its input. A DICOM tree today; the seam for NIfTI
+    cohort sheets (``input.format: nifti``, ``input.sheet``) once radflow reads them."""
+    if Path(source).suffix.lower() in SHEET_SUFFIXES:
+        raise ValueError(
+            f"predict.raw_dir {source} is a sheet: NIfTI cohorts need input.format nifti, "
+            "which this radflow does not read yet; give a DICOM tree"
+        )
+    cfg["raw_dir"] = os.path.abspath(source)
+
+
+def cohort_config(
+    config: Mapping[str, Any], meta: Mapping[str, Any], salt: str, weights_dir: str | None
+) -> dict[str, Any]:
+    """The config of the predict cohort's project folder: the project's config with the
+    bundle's preprocessing, ``predict.raw_dir`` as input and ``predict.labels`` as labels.
+
+    A project config whose preprocessing differs from the bundle's is an error naming every
+    differing key: predictions are never made from a silent mix of two preprocessings.
+    """
+    diff = bundle.conflicts(config, meta["preprocessing"])
+    if diff:
+        raise ValueError(
+            "the config's preprocessing differs from the model bundle's (predict uses the "
+            f"bundle's; make the config agree or retrain): {'; '.join(diff)}"
+        )
+    pred = config["predict"]
+    if not pred.get("raw_dir"):
+        raise ValueError("predict.raw_dir is not set: the new cohort's DICOM tree")
+    cfg = copy.deepcopy({k: v for k, v in config.items() if k != "predict"})
+    cohort_input(cfg, pred["raw_dir"])
+    labels = dict(pred.get("labels") or {})
+    if labels.get("path"):
+        labels["path"] = os.path.abspath(labels["path"])
+    cfg["labels"] = {**cfg["labels"], "path": None, **labels}
+    cfg["ids"] = {**cfg["ids"], "salt": salt}
+    for name, values in meta["preprocessing"].items():
+        cfg[name] = _merge(cfg[name], values)
+    if cfg["segment"]["backend"] == "precomputed":
+        raise ValueError(
+            "the bundle's segmentation is precomputed masks: predict_all needs the new "
+            "cohort's masks, which it cannot make; segment it with totalsegmentator"
+        )
+    if weights_dir:
+        cfg["segment"]["weights_dir"] = os.path.abspath(weights_dir)
+    cfg["qc"] = {**cfg["qc"], "reference": None}  # the training cohort's references
+    cfg["explain"] = {**cfg["explain"], "lesion_reference": None}
+    return cfg
+
+
+def write_cohort_config(
+    bundle_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    config: Mapping[str, Any],
+    salt: str,
+    weights_dir: str | None = None,
+) -> dict[str, Any]:
+    """Verify the bundle and write the predict cohort's config (``cohort_config``) as YAML."""
+    import yaml
+
+    from radflow.io import write_text
+
+    cfg = cohort_config(config, bundle.verify(bundle_dir), salt, weights_dir)
+    write_text(out, yaml.safe_dump(cfg, sort_keys=False))
+    return cfg
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) else v
+    return out
+
+
+# --------------------------------------------------------------------------- one study
+
+
+@dataclass
+class StudyPrediction:
+    """One study's prediction: probability, class at the bundle's threshold, and the CAM."""
+
+    probability: float
+    prediction: int
+    threshold: float
+    cam: Any  # nibabel image: the normalised Grad-CAM on the input's (native DICOM) grid
+    cam_model: Any  # the same CAM on the masked volume's grid the network saw
+    series: str  # why this series of the study was chosen (ingest's reason)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "probability": self.probability,
+            "prediction": self.prediction,
+            "threshold": self.threshold,
+            "series": self.series,
+            "seconds": self.seconds,
+        }
+
+
+class _One:
+    """A one-case stand-in for ``inputs.Cache`` (what ``model.predict`` iterates)."""
+
+    def __init__(self, x: Any) -> None:
+        self.x, self.device = x, x.device
+
+    def __len__(self) -> int:
+        return 1
+
+    def batch(self, idx: Any) -> Any:
+        return self.x
+
+
+class Predictor:
+    """A loaded bundle: call ``predict(path)`` for each study (see the module docstring)."""
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        device: str = "auto",
+        threads: int = 1,
+        weights_dir: str | None = None,
+    ) -> None:
+        import torch
+
+        from radflow.convert import ConvertSettings
+        from radflow.explain import ExplainSettings
+        from radflow.ingest import SelectionRules
+        from radflow.inputs import InputSpec
+        from radflow.mask import MaskSettings
+        from radflow.model import resolve_device
+        from radflow.segment import SegmentSettings
+
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.device = resolve_device(device)
+        self.model, self.ck, self.meta = bundle.load(bundle_dir, self.device)
+        self.spec = InputSpec.from_checkpoint(self.ck)
+        self.threshold = float(self.meta["threshold"])
+        pre = self.meta["preprocessing"]
+        self.max_image_mb = float(pre["ingest"]["max_image_mb"])
+        self.rules = SelectionRules.from_dict(
+            {
+                **pre["ingest"]["selection"],
+                "max_missing_slices": pre["convert"]["max_missing_slices"],
+                "gantry_tilt": pre["convert"]["gantry_tilt"],
+            }
+        )
+        self.convert = ConvertSettings.from_dict(pre["convert"])
+        seg = {**pre["segment"], "device": device}
+        seg["weights_dir"] = weights_dir or self.meta.get("segment_weights_dir") or ""
+        self.segment = SegmentSettings.from_dict(seg)
+        self.mask = MaskSettings.from_dict(pre["mask"])
+        self.explain = ExplainSettings.from_dict({**self.meta["explain"], "device": device})
+
+    # ------------------------------------------------------------------ stages of one study
+
+    def select(self, folder: Path) -> tuple[list[str], str, str]:
+        """(files, SeriesInstanceUID, reason) of the series selection picks in a study."""
+        from radflow import ingest
+
+        files = ingest.mark_duplicates(
+            ingest.scan(folder, threads=self.threads, max_image_mb=self.max_image_mb)
+        )
+        if files.empty:
+            raise status.CaseFailedError("NO_DICOM", "no readable DICOM file in the study")
+        series = ingest.select_series(
+            ingest.summarize_series(files, self.rules, self.max_image_mb), self.rules
+        )
+        chosen = series[series["selected"]]
+        if chosen.empty:
+            why = "; ".join(f"series {r.series_number}: {r.reason}" for r in series.itertuples())
+            raise status.CaseFailedError("NOT_SELECTED", f"no series passes selection ({why})")
+        if len(chosen) > 1:
+            raise status.CaseFailedError(
+                "SEVERAL_STUDIES", f"{len(chosen)} studies in one input: give one study"
+            )
+        r = chosen.iloc[0]
+        good = files[ingest.usable(files) & (files["SeriesInstanceUID"] == r["SeriesInstanceUID"])]
+        return sorted(good["path"]), str(r["SeriesInstanceUID"]), str(r["reason"])
+
+    def predict(
+        self, path: str | os.PathLike, out_dir: str | os.PathLike | None = None
+    ) -> StudyPrediction:
+        """One study (a DICOM folder) -> ``StudyPrediction``; intermediate volumes go to
+        ``out_dir`` when given (else a temporary folder, removed)."""
+        src = Path(path)
+        if not src.exists():
+            raise FileNotFoundError(f"no study at {src}")
+        if src.is_file():  # the seam of NIfTI inputs (input.format nifti)
+            raise status.CaseFailedError(
+                "NIFTI_INPUT", "a NIfTI file needs the NIfTI input path, not in this radflow yet"
+            )
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            return self._predict(src, Path(out_dir))
+        with tempfile.TemporaryDirectory(prefix="radflow-predict-") as tmp:
+            return self._predict(src, Path(tmp))
+
+    def _predict(self, src: Path, work: Path) -> StudyPrediction:
+        import nibabel as nib
+        import torch
+
+        from radflow import explain, inputs, model, resampling
+        from radflow.convert import convert
+        from radflow.mask import mask
+        from radflow.segment import segment_image
+
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t0
+            now = time.perf_counter()
+            t[name] = round(now - t0, 4)
+            t0 = now
+
+        files, uid, reason = self.select(src)
+        lap("select")
+        filelist, image = work / "files.json", work / "image.nii.gz"
+        filelist.write_text(json.dumps(files))
+        try:
+            sidecar = convert(
+                filelist,
+                image,
+                self.convert,
+                work / "image.json",
+                series_uid=uid,
+                threads=self.threads,
+                max_image_mb=self.max_image_mb,
+            )
+        except status.CaseFailedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line, as the cohort's record says it
+            if status.is_environmental(exc):
+                raise
+            rec = status.failure("convert", exc)
+            raise status.CaseFailedError(rec["reason_code"], rec["reason"]) from None
+        lap("convert")
+        seg = work / "seg.nii.gz"
+        segment_image(image, seg, self.segment, work / "seg.json", threads=self.threads)
+        lap("segment")
+        masked, roi = work / "masked.nii.gz", work / "roi.nii.gz"
+        rec = mask(image, seg, masked, self.mask, roi, work / "mask.json", threads=self.threads)
+        if not status.is_ok(rec) or not rec.get("usable"):
+            raise status.CaseFailedError(rec.get("reason_code") or "ROI", rec.get("reason", ""))
+        lap("mask")
+        stored = inputs.read_case({"masked": masked, "roi": roi}, self.spec.channels)
+        x = self.spec.network_input(torch.from_numpy(stored[None]).to(self.device))
+        prob = float(model.predict(self.model, _One(x), 1, self.device.type == "cuda")[0])
+        lap("model")
+        s = self.explain
+        cam_zyx, _ = explain.compute_cam(
+            self.model, x, s.method, s.target_layer, s.target_class, s.score
+        )
+        cam = explain.to_ras(cam_zyx)
+        m_aff = nib.load(str(masked)).affine
+        geo = sidecar["geometry"]
+        native = resampling.resample(
+            cam,
+            m_aff,
+            np.asarray(geo["source_affine"]),
+            tuple(geo["source_shape"]),
+            order=1,
+            fill=0.0,
+            dtype=np.float32,
+        )
+        lap("cam")
+        return StudyPrediction(
+            probability=prob,
+            prediction=int(prob >= self.threshold),
+            threshold=self.threshold,
+            cam=nib.Nifti1Image(native, np.asarray(geo["source_affine"])),
+            cam_model=nib.Nifti1Image(cam, m_aff),
+            series=reason,
+            seconds=t,
+        )
+
+
+def load_model(
+    bundle_dir: str | os.PathLike = paths.MODEL_DIR,
+    device: str = "auto",
+    threads: int = 1,
+    weights_dir: str | None = None,
+) -> Predictor:
+    """A verified bundle, loaded once for many ``predict(path)`` calls."""
+    return Predictor(bundle_dir, device, threads, weights_dir)
+
+
+def predict_study(
+    bundle_dir: str | os.PathLike,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    threads: int = 1,
+    weights_dir: str | None = None,
+) -> dict[str, Any]:
+    """One study through a bundle (``radflow predict``): ``prediction.json`` (probability,
+    prediction, threshold, seconds per stage) and ``cam.nii.gz`` (the CAM on the input's grid)
+    in ``out_dir``; a refused study's ``prediction.json`` says why, and CaseFailedError is
+    raised."""
+    from radflow.io import save_nifti
+
+    out = Path(out_dir)
+    model = load_model(bundle_dir, device, threads, weights_dir)
+    try:
+        res = model.predict(source)
+    except status.CaseFailedError as exc:
+        write_json(out / "prediction.json", status.failure("predict", exc))
+        raise
+    save_nifti(np.asanyarray(res.cam.dataobj), res.cam.affine, out / "cam.nii.gz")
+    info = res.to_dict()
+    write_json(out / "prediction.json", info)
+    return info
+
+
+# --------------------------------------------------------------------------- a cohort
+
+
+def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(cases to predict, excluded) of a predict cohort's project folder after mask_all.
+
+    Cases carry the manifest's file columns (relative to ``work``) and the label (NaN when the
+    sheet has none); excluded rows say at which stage and why, as manifests/excluded.csv does.
+    """
+    import yaml
+
+    from radflow.labels import LabelSpec
+    from radflow.manifest import exclusion, relabel
+
+    work = Path(work)
+    inv = pd.read_parquet(work / paths.INVENTORY_PARQUET)
+    # labels join through the private id map, as in the manifest (never at ingest)
+    cfg = yaml.safe_load((work / paths.PREDICT_CONFIG_NAME).read_text())
+    spec = LabelSpec.from_dict(cfg["labels"])
+    if spec.path:
+        inv = relabel(inv, spec, work / paths.ID_MAP_PARQUET)
+    excluded = [
+        {
+            "id": r.series_id,
+            "subject_id": r.subject_id,
+            "stage": "ingest",
+            "reason_code": r.reason_code,
+            "reason": r.reason,
+        }
+        for r in inv[~inv["selected"]].itertuples()
+    ]
+    rows = []
+    for r in inv[inv["selected"]].itertuples():
+        rec = status.read(work / paths.for_case(paths.MASK_STATUS, r.case_id))
+        why = exclusion(rec, has_label=True)
+        if why is not None:
+            excluded.append({"id": r.case_id, "subject_id": r.subject_id, **why})
+            continue
+        has_label = "label" in inv and not pd.isna(r.label)  # has_label may be NA
+        rows.append(
+            {
+                "case_id": r.case_id,
+                "subject_id": r.subject_id,
+                "study_id": r.study_id,
+                "label": float(r.label) if has_label else np.nan,
+                **paths.case_files(r.case_id),
+            }
+        )
+    cols = ["case_id", "subject_id", "study_id", "label", *paths.CASE_FILES]
+    cases = pd.DataFrame(rows, columns=cols).sort_values("case_id").reset_index(drop=True)
+    excl = pd.DataFrame(excluded, columns=["id", "subject_id", "stage", "reason_code", "reason"])
+    return cases, excl
+
+
+def predict(
+    bundle_dir: str | os.PathLike,
+    work: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device: str = "auto",
+    threads: int = 1,
+    bootstrap: int = 1000,
+) -> dict[str, Any]:
+    """Predict and explain every usable case of a predict cohort (``work``: its project folder
+    after mask_all); writes predictions.csv, excluded.csv, metrics.json and explain/."""
+    import sys
+
+    import torch
+    from tqdm import tqdm
+
+    from radflow import evaluate, explain, model
+    from radflow.inputs import Cache, InputSpec
+
+    torch.set_num_threads(threads)
+    work, out = Path(work), Path(out_dir)
+    dev = model.resolve_device(device)
+    net, ck, meta = bundle.load(bundle_dir, dev)
+    thr = float(meta["threshold"])
+    cases, excluded = cohort_cases(work)
+    cache_rows = cases.assign(label=cases["label"].fillna(0).astype(int))
+    cache = Cache(cache_rows, work, InputSpec.from_checkpoint(ck), dev)
+    cases["probability"] = model.predict(net, cache, 4, dev.type == "cuda")
+    cases["prediction"] = (cases["probability"] >= thr).astype(int)
+    cases["threshold"] = thr
+    cases["label"] = cases["label"].astype("Int64")
+    write_table(
+        cases[
+            ["case_id", "subject_id", "study_id", "probability", "prediction", "threshold"]
+        ].assign(label=cases["label"]),
+        out / "predictions.csv",
+    )
+    write_table(excluded, out / "excluded.csv")
+
+    settings = explain.ExplainSettings.from_dict({**meta["explain"], "device": device})
+    models = (net, explain.random_model_like(ck, settings.random_seed).to(dev), ck)
+    cams = out / "explain"
+    cams.mkdir(parents=True, exist_ok=True)
+    jsons = []
+    for r in tqdm(list(cases.itertuples()), desc="predict", file=sys.stderr, mininterval=5):
+        label = None if pd.isna(r.label) else int(r.label)
+        explain.explain_case(
+            models,
+            work / r.masked,
+            work / r.roi,
+            work / r.image,
+            cams,
+            r.case_id,
+            settings,
+            prediction={
+                "probability": float(r.probability),
+                "prediction": int(r.prediction),
+                "label": label,
+                "split": "predict",
+                "threshold": thr,
+            },
+        )
+        jsons.append(cams / f"{r.case_id}.json")
+    explain.report(jsons, cams, root=work)
+
+    labelled = cases[cases["label"].notna()]
+    result: dict[str, Any] = {
+        "threshold": thr,
+        "threshold_source": f"the bundle's: {meta['threshold_source']}",
+        "bundle_config_hash": meta["config_hash"],
+        "n_cases": int(len(cases)),
+        "n_excluded": int(len(excluded)),
+        "n_labelled": int(len(labelled)),
+        "n_predicted_positive": int(cases["prediction"].sum()),
+        "external_validation": evaluate.binary_metrics(
+            labelled["label"].to_numpy(int), labelled["probability"].to_numpy(), thr, bootstrap
+        )
+        if len(labelled)
+        else None,
+    }
+    write_json(out / "metrics.json", result)
+    return result

@@ -1,0 +1,242 @@
+"""The model bundle (radflow.bundle) and predict (radflow.predict): refusals of bad bundles,
+the config conflict check, and -- on the small demo workflow -- predict_all and the one-study
+API giving the probabilities evaluate gave (parity to 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from radflow import bundle, paths, predict, status
+from tests.conftest import BIN, REPO, snakemake, tree_digest
+
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+# --------------------------------------------------------------------------- bundle refusals
+
+
+def fake_bundle(d: Path, **meta) -> Path:
+    """A bundle folder with valid hashes (verify does not load the weights)."""
+    d.mkdir(parents=True)
+    (d / bundle.WEIGHTS).write_bytes(b"weights")
+    (d / bundle.MODEL_CARD).write_text("# card\n")
+    m = {
+        "bundle_format": bundle.BUNDLE_FORMAT,
+        "radflow_version": "x",
+        "threshold": 0.5,
+        "files": {n: bundle.sha256_file(d / n) for n in (bundle.WEIGHTS, bundle.MODEL_CARD)},
+        **meta,
+    }
+    m["model_json_sha256"] = bundle._self_hash(m)
+    (d / bundle.MODEL_JSON).write_text(json.dumps(m))
+    return d
+
+
+def test_a_valid_bundle_verifies(tmp_path):
+    assert bundle.verify(fake_bundle(tmp_path / "b"))["threshold"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda d: shutil.rmtree(d), "no model bundle"),
+        (lambda d: (d / "model.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "weights.pt").write_bytes(b"weightz"), "weights.pt does not match"),
+        (lambda d: (d / "weights.pt").unlink(), "weights.pt is missing"),
+        (
+            lambda d: (d / "model.json").write_text(
+                (d / "model.json").read_text().replace('"threshold": 0.5', '"threshold": 0.1')
+            ),
+            "model.json does not match",
+        ),
+    ],
+)
+def test_a_damaged_bundle_is_refused_in_one_line(tmp_path, damage, words):
+    d = fake_bundle(tmp_path / "b")
+    damage(d)
+    with pytest.raises(bundle.BundleError, match=words) as exc:
+        bundle.verify(d)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_bundle_of_another_format_is_refused(tmp_path):
+    d = fake_bundle(tmp_path / "b", bundle_format=bundle.BUNDLE_FORMAT + 1)
+    with pytest.raises(bundle.BundleError, match="incompatible model bundle.*format"):
+        bundle.verify(d)
+
+
+def test_hash_valid_but_unloadable_weights_are_refused(tmp_path):
+    d = fake_bundle(
+        tmp_path / "b",
+        architecture="r3d_18",
+        inputs={"channels": ["image"], "hu_window": [0, 1], "intensity_rule": "hu_window"},
+        n_classes=2,
+        checkpoint_epoch=1,
+    )
+    with pytest.raises(bundle.BundleError, match="weights.pt does not load"):
+        bundle.load(d)
+
+
+# --------------------------------------------------------------------------- config conflicts
+
+
+def test_the_config_that_made_a_bundle_does_not_conflict():
+    assert bundle.conflicts(CONFIG, bundle.preprocessing(CONFIG)) == []
+
+
+def test_runtime_keys_are_not_preprocessing():
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["segment"].update(device="cpu", threads=8, batches=0, weights_dir="/elsewhere")
+    assert bundle.conflicts(cfg, bundle.preprocessing(CONFIG)) == []
+
+
+def test_a_conflicting_config_is_an_error_naming_the_keys():
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["convert"]["spacing_mm"] = [1.0, 1.0, 1.0]
+    cfg["mask"]["rois"] = ["spleen"]
+    cfg["predict"]["raw_dir"] = "/new"
+    meta = {"preprocessing": bundle.preprocessing(CONFIG)}
+    with pytest.raises(ValueError, match=r"convert\.spacing_mm.*mask\.rois"):
+        predict.cohort_config(cfg, meta, "salt", None)
+
+
+def test_cohort_config_takes_the_bundle_settings_and_the_new_cohort():
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["predict"].update(raw_dir="new/raw", labels={"path": "new/labels.csv"})
+    out = predict.cohort_config(cfg, {"preprocessing": bundle.preprocessing(CONFIG)}, "s", "/w")
+    assert out["raw_dir"] == str(Path("new/raw").resolve())
+    assert out["labels"]["path"] == str(Path("new/labels.csv").resolve())
+    assert out["ids"]["salt"] == "s" and out["segment"]["weights_dir"] == "/w"
+    assert out["qc"]["reference"] is None and "predict" not in out
+
+
+def test_a_nifti_sheet_is_refused_until_nifti_cohorts_exist():
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["predict"]["raw_dir"] = "cohort.csv"
+    with pytest.raises(ValueError, match="NIfTI cohorts"):
+        predict.cohort_config(cfg, {"preprocessing": bundle.preprocessing(CONFIG)}, "s", None)
+
+
+# --------------------------------------------------------------------------- on the workflow
+
+
+@pytest.fixture(scope="module")
+def trained(workflow_run):
+    work, proc, _ = workflow_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="module")
+def predicted(trained, demo_cohort, tmp_path_factory):
+    """predict_all on three of the demo's subjects (same salt: same case ids as training)."""
+    raw = tmp_path_factory.mktemp("newcohort") / "raw"
+    for subject in sorted((demo_cohort / "raw").iterdir())[:3]:
+        shutil.copytree(subject, raw / subject.name)
+    before = {d: tree_digest(trained / d) for d in ("manifests", paths.EVAL_DIR, paths.EXPLAIN_DIR)}
+    proc = snakemake(
+        trained,
+        "predict_all",
+        "--config",
+        f"predict={{'raw_dir': '{raw}', 'labels': {{'path': '{demo_cohort / 'labels.csv'}'}}}}",
+    )
+    return trained, proc, before, raw
+
+
+def test_the_bundle_records_what_inference_needs(trained):
+    meta = bundle.verify(trained / paths.MODEL_DIR)
+    evaluation = json.loads((trained / paths.METRICS).read_text())
+    assert meta["threshold"] == evaluation["threshold"]
+    assert meta["metrics"]["test"]["auc_95ci"] == evaluation["test"]["auc_95ci"]
+    assert meta["preprocessing"]["convert"]["spacing_mm"] == [4.0, 4.0, 4.0]
+    assert meta["training_manifest_sha256"] == bundle.sha256_file(trained / paths.CASES_PARQUET)
+    assert meta["input_grid"]["shape"] == [32, 32, 32]
+    assert "Intended use" in (trained / paths.MODEL_DIR / "MODEL_CARD.md").read_text()
+
+
+def test_predict_all_gives_evaluate_s_probabilities(predicted):
+    work, proc, before, _ = predicted
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = pd.read_csv(work / paths.PREDICTIONS_NEW)
+    old = pd.read_csv(work / paths.PREDICTIONS).set_index("case_id")
+    both = new[new["case_id"].isin(old.index)]
+    assert len(both) >= 2
+    assert np.allclose(both["probability"], old.loc[both["case_id"], "probability"], atol=1e-5)
+    assert (both["label"].to_numpy() == old.loc[both["case_id"], "label"].to_numpy()).all()
+    thr = json.loads((work / paths.METRICS).read_text())["threshold"]
+    assert (new["prediction"] == (new["probability"] >= thr)).all()
+    m = json.loads((work / paths.PREDICT_METRICS).read_text())
+    assert m["threshold"] == thr and m["external_validation"]["n"] == m["n_labelled"] > 0
+    html = (work / paths.PREDICT_EXPLAIN / "index.html").read_text()
+    assert all(c in html for c in new["case_id"])
+    for c in new["case_id"]:
+        assert (work / paths.PREDICT_EXPLAIN / f"{c}_cam_ct.nii.gz").exists()
+    # the training cohort's outputs are untouched
+    for d, digest in before.items():
+        assert tree_digest(work / d) == digest, d
+
+
+def test_predict_all_lists_why_series_were_left_out(predicted):
+    work, proc, *_ = predicted
+    assert proc.returncode == 0
+    excl = pd.read_csv(work / paths.PREDICT_EXCLUDED)
+    assert (excl["reason"].str.len() > 0).all() and "IMAGE_TYPE" in set(excl["reason_code"])
+    # no raw identifier in the public outputs
+    text = (work / paths.PREDICTIONS_NEW).read_text() + excl.to_csv()
+    assert "MRN" not in text and "ACC" not in text
+
+
+def test_one_study_api_gives_evaluate_s_probability(predicted):
+    work, _, _, raw = predicted
+    model = predict.load_model(work / paths.MODEL_DIR, device="cpu", threads=2)
+    ids = pd.read_csv(work / paths.PREDICT_WORK / paths.ID_MAP)
+    old = pd.read_csv(work / paths.PREDICTIONS).set_index("case_id")
+    studies = sorted(p for p in raw.glob("*/*") if p.is_dir())[:2]
+    for study in studies:
+        first = next(f for f in study.glob("002_*/*") if f.is_file())
+        study_uid = pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
+        case = ids[ids["StudyInstanceUID"] == study_uid]["case_id"].dropna().iloc[0]
+        res = model.predict(study)
+        assert abs(res.probability - old.loc[case, "probability"]) < 1e-5
+        assert res.prediction == int(res.probability >= model.threshold)
+        assert set(res.seconds) == {"select", "convert", "segment", "mask", "model", "cam"}
+        sidecar = work / paths.PREDICT_WORK / paths.for_case(paths.SIDECAR, case)
+        geometry = json.loads(sidecar.read_text())["geometry"]
+        assert res.cam.shape[:3] == tuple(geometry["source_shape"])
+
+
+def test_one_study_that_fails_selection_is_refused_with_its_reason(predicted, tmp_path):
+    work, _, _, raw = predicted
+    study = next(p for p in raw.glob("*/*") if p.is_dir())
+    shutil.copytree(study / "001_Topogram_0_6", tmp_path / "scout" / "001")
+    with pytest.raises(status.CaseFailedError, match="NOT_SELECTED.*series 1"):
+        predict.load_model(work / paths.MODEL_DIR, device="cpu").predict(tmp_path / "scout")
+
+
+def test_radflow_predict_cli_and_its_refusals(predicted, tmp_path):
+    work, _, _, raw = predicted
+    study = next(p for p in raw.glob("*/*") if p.is_dir())
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [f"{BIN}/radflow", "predict", *a], capture_output=True, text=True, cwd=work
+    )
+    ok = run(paths.MODEL_DIR, str(study), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "o" / "prediction.json").read_text())["probability"] >= 0
+    assert (tmp_path / "o" / "cam.nii.gz").exists()
+    tampered = tmp_path / "model"
+    shutil.copytree(work / paths.MODEL_DIR, tampered)
+    with open(tampered / "weights.pt", "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\0" * 8)
+    bad = run(str(tampered), str(study), "--out", str(tmp_path / "t"))
+    assert bad.returncode == 2 and "tampered model bundle" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
