@@ -138,14 +138,23 @@ def test_summary_flags_other_splits_and_refuses_other_labels():
 
 
 def test_ablation_all_on_a_tiny_cohort(demo_cohort, tmp_path):
+    import yaml
+
     work = workdir(tmp_path / "w", demo_cohort)
     cfg = work / "config" / "config.yaml"
-    cfg.write_text(
-        cfg.read_text().replace("bootstrap: 100", "bootstrap: 50").replace("epochs: 2", "epochs: 1")
+    c = yaml.safe_load(cfg.read_text())
+    # the cohort's own organ masks (no TotalSegmentator process), one epoch, few resamples
+    c["segment"].update(
+        backend="precomputed",
+        precomputed=str(demo_cohort / "ground_truth" / "{StudyInstanceUID}" / "organs.nii.gz"),
     )
+    c["train"]["epochs"] = 1
+    c["evaluate"]["bootstrap"] = 50
+    c["explain"]["splits"] = ["test"]
+    cfg.write_text(yaml.safe_dump(c))
     dry = snakemake(work, "ablation_all", "-n")
     assert dry.returncode == 0, dry.stderr[-3000:]
-    proc = snakemake(work, "ablation_all")
+    proc = snakemake(work, "ablation_all", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((work / paths.ABLATION_SUMMARY).read_text())
     assert s["splits_identical"] is True
@@ -168,7 +177,9 @@ def test_ablation_all_on_a_tiny_cohort(demo_cohort, tmp_path):
 
     case = default["case_id"].iloc[0]
     vol = {
-        v: np.asanyarray(nib.load(work / paths.in_variant(paths.MASKED, v).format(case=case)).dataobj)
+        v: np.asanyarray(
+            nib.load(work / paths.in_variant(paths.MASKED, v).format(case=case)).dataobj
+        )
         for v in paths.ABLATION_VARIANTS
     }
     assert vol["masked"].shape == vol["unmasked"].shape == vol["fullfov"].shape

@@ -11,7 +11,9 @@ def V(template):
 
 def _variant_mask(wildcards):
     try:
-        return without(variant_mask_settings(wildcards.variant, config["mask"]), "threads")
+        return without(
+            variant_mask_settings(wildcards.variant, config["mask"]), "threads"
+        )
     except ValueError as exc:
         raise WorkflowError(str(exc)) from None
 
