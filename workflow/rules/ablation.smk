@@ -54,7 +54,7 @@ rule ablation_manifest:
     benchmark:
         "benchmarks/ablation/{variant}/manifest.tsv"
     conda:
-        "../../envs/manifest.yaml"
+        "../../envs/ablation.yaml"
     threads: 1
     params:
         out=lambda wc, output: os.path.dirname(output.cases_csv),
@@ -174,7 +174,7 @@ rule ablation_summary:
     benchmark:
         "benchmarks/ablation/summary.tsv"
     conda:
-        "../../envs/evaluate.yaml"
+        "../../envs/ablation.yaml"
     threads: 1
     params:
         bootstrap=config["evaluate"]["bootstrap"],
