@@ -24,6 +24,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/explain.smk"
 include: "workflow/rules/bundle.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/ablation.smk"
 
 
 rule all:

@@ -237,3 +237,53 @@ def test_a_case_failed_upstream_is_carried_over_with_its_reason(tmp_path):
     assert json.loads((tmp_path / "st.json").read_text())["reason_code"] == "TRUNCATED"
     assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_no_background_fill_keeps_the_ct_in_the_same_crop():
+    img, aff, seg = _case()
+    filled = mask.apply_mask(img, aff, seg, NAMES, mask.MaskSettings(background_hu=-777))
+    kept = mask.apply_mask(
+        img, aff, seg, NAMES, mask.MaskSettings(background_hu=-777, fill_background=False)
+    )
+    np.testing.assert_allclose(kept.affine, filled.affine)  # the same crop and grid
+    assert kept.masked.shape == filled.masked.shape == (64, 64, 64)
+    np.testing.assert_array_equal(kept.roi, filled.roi)
+    around = (filled.roi == 0) & (kept.masked != -777)  # outside the ROI, inside the volume
+    assert around.sum() > 1000
+    assert (kept.masked[around] == 30).mean() > 0.9  # the CT's own value around the organ
+    assert (filled.masked[around] == -777).mean() > 0.9  # there the mask filled the background
+
+
+def test_whole_volume_without_mask_is_resampled_and_its_roi_is_the_field_of_view(tmp_path):
+    img, aff, _ = _case()
+    save_nifti(img, aff, tmp_path / "img.nii.gz")
+    s = mask.MaskSettings(enabled=False, size=(16, 16, 16))
+    st = mask.mask(
+        tmp_path / "img.nii.gz",
+        None,
+        tmp_path / "m.nii.gz",
+        s,
+        tmp_path / "r.nii.gz",
+        tmp_path / "st.json",
+    )
+    assert st["usable"] and st["shape"] == [16, 16, 16] and not st["segmented"]
+    assert st["roi_ml"] == pytest.approx(60 * 50 * 40 * 0.8 * 0.8 * 2.5 / 1000, rel=1e-6)
+    m = np.asanyarray(nib.load(tmp_path / "m.nii.gz").dataobj)
+    r = np.asanyarray(nib.load(tmp_path / "r.nii.gz").dataobj)
+    assert (m[r > 0] == 30).mean() > 0.9  # the whole volume, nothing filled inside it
+    assert 0 < r.mean() < 1  # the field of view, padded on the short axes (48 x 40 x 100 mm)
+    assert st["crop_bbox_vox"] is None and st["rois"] == []
+
+
+def test_masking_without_a_label_map_is_refused_clearly(tmp_path):
+    img, aff, _ = _case()
+    save_nifti(img, aff, tmp_path / "img.nii.gz")
+    with pytest.raises(ValueError, match="mask.enabled true needs a segmentation"):
+        mask.mask(
+            tmp_path / "img.nii.gz",
+            None,
+            tmp_path / "m.nii.gz",
+            mask.MaskSettings(),
+            tmp_path / "r.nii.gz",
+            tmp_path / "st.json",
+        )

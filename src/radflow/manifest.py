@@ -57,7 +57,7 @@ CASES_SCHEMA = pa.DataFrameSchema(
         "split": _col(str, isin=list(SPLITS)),
         "fold": _col(int, ge=-1),
         "image": _col(str, **_PATH),
-        "label_map": _col(str, **_PATH),
+        "label_map": _col(str, nullable=True, **_PATH),  # empty: segment.backend none
         "masked": _col(str, **_PATH),
         "roi": _col(str, **_PATH),
         "qc": _col(str, **_PATH),
@@ -76,7 +76,7 @@ CASES_SCHEMA = pa.DataFrameSchema(
         "roi_volume_ml": _col(float, ge=0),
         "flags": _col(str),
         "sha256_image": _col(str, **_SHA),
-        "sha256_label_map": _col(str, **_SHA),
+        "sha256_label_map": _col(str, nullable=True, **_SHA),
         "sha256_masked": _col(str, **_SHA),
         "sha256_roi": _col(str, **_SHA),
         "sha256_qc": _col(str, **_SHA),
@@ -270,6 +270,8 @@ def build(
     for r in inventory[inventory["selected"]].itertuples():
         files = paths.case_files(r.case_id)
         status = json.loads((root / paths.for_case(paths.MASK_STATUS, r.case_id)).read_text())
+        if not status.get("segmented", True):  # segment.backend none: no label map
+            files.pop("label_map")
         reason = exclusion(status)
         if reason is not None:
             excluded.append({"id": r.case_id, "subject_id": r.subject_id, **reason})
@@ -290,6 +292,7 @@ def build(
             "study_id": r.study_id,
             "series_id": r.series_id,
             "label": pd.NA if pd.isna(r.label) else int(r.label),
+            "label_map": None,
             **files,
             "image_nx": g["shape"][0],
             "image_ny": g["shape"][1],
@@ -305,6 +308,7 @@ def build(
             "masked_sz_mm": status["spacing_mm"][2],
             "roi_volume_ml": status["roi_ml"],
             "flags": case_flags(getattr(r, "flags", ""), status, getattr(r, "has_label", None)),
+            "sha256_label_map": None,
             **{f"sha256_{k}": sha256(root / v) for k, v in files.items()},
             "slice_thickness_mm": r.slice_thickness_mm,
             "kernel": r.kernel,

@@ -41,6 +41,8 @@ class MaskSettings:
     min_roi_ml: float = 5.0
     largest_component: bool = True
     fill_holes: bool = True
+    enabled: bool = True
+    fill_background: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> MaskSettings:
@@ -182,7 +184,10 @@ def apply_mask(
             + f" (< mask.min_roi_ml {settings.min_roi_ml:g} mL)"
         )
     keep = dilate_mm(roi, spacing, settings.dilation_mm)
-    masked = np.where(keep, image, np.int16(settings.background_hu)).astype(np.int16)
+    if settings.fill_background:
+        masked = np.where(keep, image, np.int16(settings.background_hu)).astype(np.int16)
+    else:  # the ablation's "unmasked" input: the same crop, the CT around the organ kept
+        masked = image.astype(np.int16, copy=True)
     out_aff, box = affine, None
     if settings.crop and keep.any():
         lo, hi = crop_box(keep, spacing, settings.margin_mm)
@@ -197,6 +202,24 @@ def apply_mask(
     return MaskResult(masked, keep.astype(np.uint8), out_aff, usable, reason, roi_ml, box, roi)
 
 
+def whole_volume(
+    image: np.ndarray, affine: np.ndarray, settings: MaskSettings, threads: int = 1
+) -> MaskResult:
+    """``mask.enabled: false``: the whole volume, resampled to ``size``; pure (no file I/O).
+
+    The ROI written beside it is the field of view: 1 where the volume has data, 0 in the
+    padding of the isotropic grid (so ``roi_ml`` is the volume covered, not an organ).
+    """
+    fov = np.ones(image.shape, dtype=bool)
+    fov_ml = float(image.size * np.prod(geometry.ras_spacing(affine)) / 1000.0)
+    masked, keep, out_aff = image.astype(np.int16, copy=True), fov, affine
+    if settings.size is not None:
+        out_aff, grid_shape = fit_grid(affine, image.shape, settings.size)
+        masked = resample(masked, affine, out_aff, grid_shape, 1, settings.background_hu, threads)
+        keep = resample(fov.astype(np.int16), affine, out_aff, grid_shape, 0, 0, threads) > 0
+    return MaskResult(masked, keep.astype(np.uint8), out_aff, True, "", fov_ml, None, fov)
+
+
 def load_names(path: str | os.PathLike) -> dict[int, str]:
     """Label id -> class name from a segment JSON record."""
     import json
@@ -208,7 +231,7 @@ def load_names(path: str | os.PathLike) -> dict[int, str]:
 
 def mask(
     image_path: str | os.PathLike,
-    seg_path: str | os.PathLike,
+    seg_path: str | os.PathLike | None,
     out_path: str | os.PathLike,
     settings: MaskSettings,
     roi_path: str | os.PathLike,
@@ -232,10 +255,18 @@ def mask(
     ``qc``: the plausibility checks (``radflow.plausibility``; defaults when None): their flags
     go to the status, the table and the picture, and with ``qc.implausible: exclude`` an
     implausible case is not usable (reason code IMPLAUSIBLE).
+    ``seg_path`` None (``segment.backend: none``) needs ``settings.enabled`` false: the whole
+    volume is the input (``whole_volume``).
     """
     qc = qc or plausibility.QcSettings()
-    names_path = names_path or paths.sidecar_of(seg_path)
-    for rec in (*upstream, names_path):
+    if seg_path is None and settings.enabled:
+        raise ValueError(
+            "no label map to mask with: mask.enabled true needs a segmentation "
+            "(segment.backend none: set mask.enabled false)"
+        )
+    names_path = names_path or (paths.sidecar_of(seg_path) if seg_path is not None else None)
+    records = (*upstream, names_path) if names_path is not None else tuple(upstream)
+    for rec in records:
         failed = status.read_upstream(rec, "segment") if Path(rec).exists() else None
         if failed is not None:
             return _carry_failure(
@@ -243,15 +274,22 @@ def mask(
             )
     try:
         img = nib.load(str(image_path))
-        seg_img = nib.load(str(seg_path))
-        if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
-            raise ValueError("the label map is not on the image grid (affines differ)")
-        names = load_names(names_path)
         image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
-        seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
-        res = apply_mask(image, img.affine, seg, names, settings, threads)
+        seg, names = None, {}
+        if seg_path is not None:
+            seg_img = nib.load(str(seg_path))
+            if not np.allclose(img.affine, seg_img.affine, atol=1e-3):
+                raise ValueError("the label map is not on the image grid (affines differ)")
+            names = load_names(names_path)
+            seg = np.asanyarray(seg_img.dataobj).astype(np.uint8, copy=False)
+        if settings.enabled:
+            res = apply_mask(image, img.affine, seg, names, settings, threads)
+        else:
+            res = whole_volume(image, img.affine, settings, threads)
         spacing = geometry.ras_spacing(img.affine)
-        checks = plausibility.check(seg, image, spacing, names, settings.rois, qc)
+        checks = (
+            [] if seg is None else plausibility.check(seg, image, spacing, names, settings.rois, qc)
+        )
     except Exception as exc:  # noqa: BLE001 - a corrupt volume fails this case alone
         if status.is_environmental(exc):
             raise  # the machine's trouble, not the case's: the job fails and a rerun retries
@@ -273,8 +311,9 @@ def mask(
         "reason": reason,
         "flags": plaus["flags"],
         "plausibility": plaus["rois"],
+        "segmented": seg is not None,
         "roi_ml": round(res.roi_ml, 3),
-        "rois": list(settings.rois),
+        "rois": list(settings.rois) if settings.enabled else [],
         "crop_bbox_vox": res.bbox_vox,
         "shape": list(res.masked.shape),
         "spacing_mm": [round(float(v), 6) for v in geometry.ras_spacing(res.affine)],
@@ -285,7 +324,8 @@ def mask(
     if qc_png is not None:
         from radflow.qc import triplanar_png
 
-        title = f"{case_id}   {'+'.join(settings.rois)} {res.roi_ml:.1f} mL"
+        what = "+".join(settings.rois) if settings.enabled else "whole volume (no mask)"
+        title = f"{case_id}   {what} {res.roi_ml:.1f} mL"
         if not usable:
             title += f"   EXCLUDED: {reason}"
         elif plaus["flags"]:
@@ -295,11 +335,15 @@ def mask(
         from radflow.qc import segmentation_rows, write_seg_qc
 
         ref = None
-        if reference is not None:
+        if reference is not None and seg is not None:
             r = nib.load(str(reference))
             ref_names = load_names(reference_names or paths.sidecar_of(reference))
             ref = (np.asanyarray(r.dataobj), r.affine, ref_names)
-        rows = segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref)
+        rows = (
+            []
+            if seg is None
+            else segmentation_rows(case_id, seg, img.affine, names, settings.rois, ref)
+        )
         write_seg_qc(with_checks(rows, checks), seg_qc)
     write_json(status_path, record)  # last: the job's record says the outputs are complete
     return record

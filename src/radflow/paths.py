@@ -73,6 +73,29 @@ PREDICT_METRICS = f"{PREDICT_DIR}/metrics.json"
 PREDICT_EXCLUDED = f"{PREDICT_DIR}/excluded.csv"
 PREDICT_EXPLAIN = f"{PREDICT_DIR}/explain"
 
+# ---------------------------------------------------------------- the mask ablation
+# Each variant has its own mask, manifest, train, eval and explain outputs, laid out under
+# results/ablation/{variant}/ as the default run lays them out under results/ and manifests/
+# (``in_variant``); conversion and segmentation are shared with the default run.
+ABLATION_DIR = f"{RESULTS}/ablation"
+ABLATION_VARIANTS = ("masked", "unmasked", "fullfov")
+ABLATION_SUMMARY = f"{ABLATION_DIR}/summary.json"
+ABLATION_PNG = f"{ABLATION_DIR}/summary.png"
+
+
+def in_variant(template: str, variant: str = "{variant}") -> str:
+    """A path of the default layout re-rooted under ``results/ablation/{variant}/``:
+    ``results/masked/{case}.nii.gz`` -> ``results/ablation/{variant}/masked/{case}.nii.gz``,
+    ``manifests/cases.parquet`` -> ``results/ablation/{variant}/manifests/cases.parquet``.
+    The default ``variant`` keeps the wildcard (the rules' ``{variant}``)."""
+    root = f"{ABLATION_DIR}/{variant}"
+    if template.startswith(f"{MANIFESTS}/"):
+        return f"{root}/{template}"
+    if template.startswith(f"{RESULTS}/") and not template.startswith(f"{ABLATION_DIR}/"):
+        return f"{root}/{template[len(RESULTS) + 1 :]}"
+    raise ValueError(f"{template!r} is not a path of the per-variant layout")
+
+
 # The files of one case the manifest lists (column -> template); their sha256 go beside them.
 CASE_FILES = {
     "image": NIFTI,

@@ -391,7 +391,7 @@ def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = []
     for r in inv[inv["selected"]].itertuples():
         rec = status.read(work / paths.for_case(paths.MASK_STATUS, r.case_id))
-        why = exclusion(rec, has_label=True)
+        why = exclusion(rec)
         if why is not None:
             excluded.append({"id": r.case_id, "subject_id": r.subject_id, **why})
             continue

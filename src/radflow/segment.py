@@ -61,7 +61,7 @@ class WeightsMissingError(FileNotFoundError):
 class SegmentSettings:
     """Segmentation settings (config key ``segment``)."""
 
-    backend: str = "totalsegmentator"  # or "precomputed"
+    backend: str = "totalsegmentator"  # or "precomputed" ("none": no segment job at all)
     task: str = "total"
     fast: bool = True
     roi_subset: tuple[str, ...] | None = None
@@ -73,7 +73,10 @@ class SegmentSettings:
     def from_dict(cls, d: dict[str, Any] | None) -> SegmentSettings:
         """Build from a config mapping (unknown keys are an error)."""
         d = section(cls, d, "segment", ("roi_subset",))
-        if d.get("backend", "totalsegmentator") not in ("totalsegmentator", "precomputed"):
+        backend = d.get("backend", "totalsegmentator")
+        if backend == "none":
+            raise ValueError("segment.backend none runs no segmentation: there is nothing to do")
+        if backend not in ("totalsegmentator", "precomputed"):
             raise ValueError("segment.backend must be 'totalsegmentator' or 'precomputed'")
         return cls(**d)
 

@@ -4,8 +4,7 @@ include: "helpers/mask.smk"
 rule mask:
     input:
         sidecar=paths.SIDECAR,
-        # the case's segmentation group (fixed pattern with a group per case: no function call)
-        group=case_group if BATCHES else paths.SEG_GROUP.replace("{group}", "{case}"),
+        group=mask_seg_group(),
         settings=settings_input(
             "mask", {**without(config["mask"], "threads"), "qc": config["qc"]}
         ),
@@ -31,7 +30,7 @@ rule mask:
     params:
         settings=as_json(without(config["mask"], "threads")),
         image=paths.NIFTI,
-        seg=paths.SEG,
+        seg=paths.SEG if SEGMENTED else "none",
         masked=paths.MASKED,
         roi=paths.ROI,
         qc_settings=as_json(without(config["qc"], "reference")),

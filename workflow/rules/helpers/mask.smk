@@ -8,7 +8,34 @@ def validate_rois():
     validate_roi_names(config["mask"]["rois"], known_rois(config["segment"]["task"]))
 
 
-validate_rois()
+def validate_mask_config():
+    """Combinations that cannot work, refused when the workflow starts (not case by case)."""
+    seg, m = config["segment"], config["mask"]
+    if seg["backend"] == "none" and m["enabled"]:
+        raise WorkflowError(
+            "segment.backend none gives no ROI to mask with: set mask.enabled false (the "
+            "whole volume, resampled to mask.size, is then the input) or choose a backend"
+        )
+    if not m["enabled"] and "roi" in config["train"]["channels"]:
+        raise WorkflowError(
+            "train.channels holds roi but mask.enabled is false (there is no ROI): use "
+            "train.channels [image]"
+        )
+
+
+validate_mask_config()
+if config["mask"]["enabled"]:
+    validate_rois()
+
+SEGMENTED = config["segment"]["backend"] != "none"
+
+
+def mask_seg_group():
+    """The mask job's segmentation group record (a fixed pattern with a group per case: no
+    function call per case); nothing with segment.backend none."""
+    if not SEGMENTED:
+        return []
+    return case_group if BATCHES else paths.SEG_GROUP.replace("{group}", "{case}")
 
 
 def case_group(wildcards):
