@@ -492,7 +492,7 @@ class DemoSettings:
     # subjects with a lesion are held out (validation + test)
     n_subjects: int = 45
     n_unlabeled: int = 1
-    # every k-th subject has a second study (follow-up): subjects with several cases
+    # every k-th subject has a second study (follow-up): subjects with several cases; 0 = none
     second_study_every: int = 5
     seed: int = 42
     matrix: int = 96
@@ -639,7 +639,7 @@ def plan_cohort(s: DemoSettings) -> list[SubjectSpec]:
         )
         first, last = FIRST[i % len(FIRST)], LAST[(i * 3) % len(LAST)]
         pid = "../../etc" if i == 5 else f"MRN{100200 + 37 * i:07d}"
-        n_studies = 2 if i % s.second_study_every == 0 else 1
+        n_studies = 2 if s.second_study_every and i % s.second_study_every == 0 else 1
         studies = []
         for st in range(n_studies):
             j = study_counter
