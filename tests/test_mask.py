@@ -287,3 +287,31 @@ def test_masking_without_a_label_map_is_refused_clearly(tmp_path):
             tmp_path / "r.nii.gz",
             tmp_path / "st.json",
         )
+
+
+def test_float_volume_keeps_its_values_through_the_mask(tmp_path):
+    """An MR/other volume (float32 from a NIfTI sheet) is not rounded to int16 by the mask."""
+    import numpy as np
+
+    from radflow.mask import MaskSettings, apply_mask, whole_volume
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.5, 0.1, (20, 20, 20)).astype(np.float32)  # normalised MR-like values
+    seg = np.zeros(image.shape, np.uint8)
+    seg[5:15, 5:15, 5:15] = 1
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    s = MaskSettings(
+        rois=("liver",),
+        size=None,
+        crop=True,
+        margin_mm=0.0,
+        dilation_mm=0.0,
+        min_roi_ml=0.0,
+        background_hu=0.0,
+    )
+    res = apply_mask(image, affine, seg, {1: "liver"}, s)
+    assert res.masked.dtype == np.float32
+    inside = res.masked[res.roi > 0]
+    assert np.allclose(np.sort(inside), np.sort(image[seg > 0]))  # exact, not rounded
+    whole = whole_volume(image, affine, MaskSettings(size=(8, 8, 8), background_hu=0.0))
+    assert whole.masked.dtype == np.float32 and 0.3 < float(whole.masked.mean()) < 0.7

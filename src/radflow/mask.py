@@ -185,9 +185,9 @@ def apply_mask(
         )
     keep = dilate_mm(roi, spacing, settings.dilation_mm)
     if settings.fill_background:
-        masked = np.where(keep, image, np.int16(settings.background_hu)).astype(np.int16)
+        masked = np.where(keep, image, image.dtype.type(settings.background_hu)).astype(image.dtype)
     else:  # the ablation's "unmasked" input: the same crop, the CT around the organ kept
-        masked = image.astype(np.int16, copy=True)
+        masked = image.copy()
     out_aff, box = affine, None
     if settings.crop and keep.any():
         lo, hi = crop_box(keep, spacing, settings.margin_mm)
@@ -196,7 +196,16 @@ def apply_mask(
         out_aff, box = shifted_affine(affine, lo), [lo, hi]
     if settings.size is not None:
         grid_aff, grid_shape = fit_grid(out_aff, masked.shape, settings.size)
-        masked = resample(masked, out_aff, grid_aff, grid_shape, 1, settings.background_hu, threads)
+        masked = resample(
+            masked,
+            out_aff,
+            grid_aff,
+            grid_shape,
+            1,
+            settings.background_hu,
+            threads,
+            dtype=masked.dtype,
+        )
         keep = resample(keep.astype(np.int16), out_aff, grid_aff, grid_shape, 0, 0, threads) > 0
         out_aff = grid_aff
     return MaskResult(masked, keep.astype(np.uint8), out_aff, usable, reason, roi_ml, box, roi)
@@ -212,10 +221,19 @@ def whole_volume(
     """
     fov = np.ones(image.shape, dtype=bool)
     fov_ml = float(image.size * np.prod(geometry.ras_spacing(affine)) / 1000.0)
-    masked, keep, out_aff = image.astype(np.int16, copy=True), fov, affine
+    masked, keep, out_aff = image.copy(), fov, affine
     if settings.size is not None:
         out_aff, grid_shape = fit_grid(affine, image.shape, settings.size)
-        masked = resample(masked, affine, out_aff, grid_shape, 1, settings.background_hu, threads)
+        masked = resample(
+            masked,
+            affine,
+            out_aff,
+            grid_shape,
+            1,
+            settings.background_hu,
+            threads,
+            dtype=masked.dtype,
+        )
         keep = resample(fov.astype(np.int16), affine, out_aff, grid_shape, 0, 0, threads) > 0
     return MaskResult(masked, keep.astype(np.uint8), out_aff, True, "", fov_ml, None, fov)
 
@@ -274,7 +292,10 @@ def mask(
             )
     try:
         img = nib.load(str(image_path))
-        image = np.asanyarray(img.dataobj).astype(np.int16, copy=False)
+        # int16 HU (CT) stays int16; a float volume (MR/other from a NIfTI sheet) stays float32
+        raw = np.asanyarray(img.dataobj)
+        kind = np.int16 if np.issubdtype(raw.dtype, np.integer) else np.float32
+        image = raw.astype(kind, copy=False)
         seg, names = None, {}
         if seg_path is not None:
             seg_img = nib.load(str(seg_path))
