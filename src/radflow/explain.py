@@ -200,11 +200,13 @@ def method_numbers(
     settings: ExplainSettings,
     roi: np.ndarray,
     lesion: np.ndarray | None,
+    random_curves: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """One method's faithfulness numbers on one case, and its (normalised, raw) CAM in RAS.
 
     ``x`` and ``baseline`` are network inputs (1, C, Z, Y, X) on the model's device; the
-    baseline is ``x`` with every voxel removed (``inputs.removed``)."""
+    baseline is ``x`` with every voxel removed (``inputs.removed``). ``random_curves``: the
+    case's random-order curves from an earlier method (they do not depend on the map)."""
     import torch
 
     how = (settings.target_layer, settings.target_class, settings.score)
@@ -225,8 +227,9 @@ def method_numbers(
             norm_zyx,
             settings.perturbation_steps,
             seed=settings.random_seed,
+            with_random=random_curves is None,
         )
-        nums |= curves
+        nums |= curves | {k: v for k, v in (random_curves or {}).items() if k.startswith("random")}
     if lesion is not None:
         nums["pointing_hit"] = faithfulness.pointing_game(cam, lesion, 1) if lesion.any() else None
         # both within the ROI: the CAM's share of the organ that falls on the lesion, against
@@ -280,7 +283,8 @@ def explain_case(
         lesion = to_grid(les, les_img.affine, masked.affine, hu.shape) > 0
     methods = {}
     for m in settings.methods:
-        nums, c, r = method_numbers(model, x, baseline, m, settings, roi, lesion)
+        first = next(iter(methods.values()), None)
+        nums, c, r = method_numbers(model, x, baseline, m, settings, roi, lesion, first)
         methods[m] = nums
         if m == settings.method:
             cam, raw = c, r

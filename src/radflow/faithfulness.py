@@ -141,9 +141,11 @@ def deletion_insertion(
     steps: int,
     seed: int = 0,
     batch: int = 8,
+    with_random: bool = True,
 ) -> dict[str, Any]:
     """Deletion and insertion AUCs of ``attribution`` (spatial shape of ``x`` (C, *spatial)),
-    and of a random voxel order (the same random order for both curves).
+    and of a random voxel order (the same random order for both curves; it depends on ``seed``
+    and the grid alone, so ``with_random=False`` can skip it for a second map of one case).
 
     Deletion moves voxels from ``x`` to ``baseline`` (lower AUC = more faithful); insertion from
     ``baseline`` to ``x`` (higher = more faithful). The curves are returned too.
@@ -154,7 +156,8 @@ def deletion_insertion(
     by_map = ranking(attribution, rng)
     at_random = rng.permutation(by_map.size)
     out: dict[str, Any] = {"steps": steps}
-    for name, order in (("", by_map), ("random_", at_random)):
+    orders = [("", by_map)] + ([("random_", at_random)] if with_random else [])
+    for name, order in orders:
         f, p_del = perturbation_curve(predict, x, baseline, order, steps, batch)
         _, p_ins = perturbation_curve(predict, baseline, x, order, steps, batch)
         out[f"{name}deletion_auc"] = curve_auc(f, p_del)
