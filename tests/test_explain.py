@@ -169,6 +169,10 @@ def test_explain_case_writes_cams_on_the_masked_and_ct_grids(tmp_path):
     assert m["deletion_curve"][0] == pytest.approx(info["probability_recomputed"], abs=1e-4)
     assert m["insertion_curve"][-1] == pytest.approx(info["probability_recomputed"], abs=1e-4)
     assert m["deletion_curve"][-1] == pytest.approx(m["insertion_curve"][0], abs=1e-4)
+    # the random order is the case's, not the map's: computed once, shared by the methods
+    lc = info["methods"]["layercam"]
+    assert lc["random_deletion_curve"] == m["random_deletion_curve"]
+    assert lc["deletion_curve"] != m["deletion_curve"] or lc["peak_vox"] == m["peak_vox"]
     assert (out / "case-0123456789ab.png").stat().st_size > 5000
     saved = json.loads((out / "case-0123456789ab.json").read_text())
     assert saved["peak_vox"] == list(faithfulness.peak_index(np.asanyarray(cam.dataobj)))
@@ -360,3 +364,12 @@ def test_report_page_shows_the_case_on_its_ct_with_roi_and_lesion(tmp_path, caps
     # the page names cases by pseudonym only: no folder of the project reaches it
     for f in [out / "index.html", out / case_file(0)]:
         assert str(tmp_path) not in f.read_text()
+def test_a_removed_voxel_is_what_the_mask_stage_writes_outside_the_roi():
+    spec = InputSpec(channels=("image", "roi"), hu_window=(-40.0, 160.0))
+    base = explain.inputs.removed(spec, (3, 4, 5), -1024)
+    assert base.shape == (2, 3, 4, 5) and base.dtype == np.int16
+    assert (base[0] == -1024).all() and (base[1] == 0).all()
+    x = spec.network_input(torch.from_numpy(base[None]))
+    assert x.shape == (1, 2, 5, 4, 3) and float(x.abs().max()) == 0.0
+    # the image-only model: one channel, the fill as given
+    assert (explain.inputs.removed(InputSpec(), (2, 2, 2), -1000) == -1000).all()
