@@ -103,6 +103,7 @@ def write_cohort(root: Path, demo: DemoSettings, workers: int) -> pd.DataFrame:
                 "manufacturer": "phantom",
                 "radflow_version": "bench",
                 "config_hash": "0" * 16,
+                "flags": ";".join(rec.get("flags", [])),
             }
         )
     return pd.DataFrame(rows)

@@ -364,6 +364,8 @@ def test_report_page_shows_the_case_on_its_ct_with_roi_and_lesion(tmp_path, caps
     # the page names cases by pseudonym only: no folder of the project reaches it
     for f in [out / "index.html", out / case_file(0)]:
         assert str(tmp_path) not in f.read_text()
+
+
 def test_a_removed_voxel_is_what_the_mask_stage_writes_outside_the_roi():
     spec = InputSpec(channels=("image", "roi"), hu_window=(-40.0, 160.0))
     base = explain.inputs.removed(spec, (3, 4, 5), -1024)
