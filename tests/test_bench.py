@@ -218,6 +218,7 @@ def test_faithfulness_bench_runs_end_to_end(tmp_path):
             str(REPO / "bench" / "faithfulness.py"),
             *("--subjects", "8", "--seeds", "0", "--epochs", "1", "--steps", "2"),
             *("--methods", "gradcam", "layercam", "--device", "cpu"),
+            *("--variants", "masked", "fullfov"),
             *("--workdir", str(tmp_path)),
         ],
         capture_output=True,
@@ -227,7 +228,16 @@ def test_faithfulness_bench_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     import json
 
+    import nibabel as nib
+    import numpy as np
+
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(res["per_seed"]["0"]) == {"gradcam", "layercam"}
+    assert set(res["per_variant"]) == {"masked", "fullfov"}
+    assert set(res["per_variant"]["fullfov"]["0"]) == {"gradcam", "layercam"}
     assert "target pointing game >= 0.9 on every seed" in out.stdout
-    assert (tmp_path / "seed0" / "faithfulness.json").exists()
+    for v in ("masked", "fullfov"):
+        assert (tmp_path / v / "seed0" / "faithfulness.json").exists()
+    # the variants differ where they should: fullfov is not cropped to the organ
+    masked = nib.load(next((tmp_path / "masked/results/masked").glob("case-*_roi.nii.gz")))
+    full = nib.load(next((tmp_path / "fullfov/results/masked").glob("case-*_roi.nii.gz")))
+    assert np.asanyarray(full.dataobj).mean() < np.asanyarray(masked.dataobj).mean()
