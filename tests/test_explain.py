@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from radflow import explain
+from radflow import explain, faithfulness
 from radflow.inputs import InputSpec
 from radflow.io import save_nifti
 from radflow.model import build_model, save_checkpoint
@@ -42,16 +42,56 @@ def _case(tmp_path, ct_shape=(40, 36, 30)):
     return ct_aff, m_aff
 
 
-def test_grad_cam_plus_plus_runs_on_5d_input():
+def test_every_cam_method_runs_on_5d_input_and_they_differ():
     torch.manual_seed(0)
     model = build_model("r3d_18", 1, 2).eval()
     x = torch.rand(1, 1, 16, 20, 24)
+    assert set(explain.METHODS) >= {"gradcam", "gradcam++", "hirescam", "layercam"}
+    cams = {}
     for method in explain.METHODS:
-        norm, raw = explain.compute_cam(model, x, method, "layer4", 1)
+        norm, raw = explain.compute_cam(model, x, method, "layer2", 1)
         assert norm.shape == raw.shape == (16, 20, 24)
         assert np.isfinite(norm).all() and np.isfinite(raw).all()
         assert norm.min() >= -1e-3 and norm.max() <= 1 + 1e-3
         assert raw.min() >= 0
+        cams[method] = norm
+    # the per-cell methods are not Grad-CAM under another name
+    assert np.abs(cams["hirescam"] - cams["gradcam"]).max() > 1e-2
+    assert np.abs(cams["layercam"] - cams["gradcam"]).max() > 1e-2
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        explain.compute_cam(model, x, "scorecam", "layer2", 1)
+
+
+def test_hirescam_is_gradient_times_activation_per_cell():
+    """HiResCAM's raw map at the layer's own grid: sum over channels of grad * activation."""
+    torch.manual_seed(0)
+    model = build_model("r3d_18", 1, 2).eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    acts = {}
+    h = model.layer3.register_forward_hook(lambda m, i, o: acts.update(a=o))
+    out = model(x)
+    h.remove()
+    a = acts["a"]
+    (g,) = torch.autograd.grad(explain.LogOdds(1)(out).sum(), a)
+    expected = np.maximum((g * a).sum(1)[0].detach().numpy(), 0)
+    _, raw = explain.compute_cam(model, x, "hirescam", "layer3", 1)
+    # layer3 is 4x4x4 at a 16^3 input; raw is its linear upsampling: compare at cell centres
+    np.testing.assert_allclose(raw[1::4, 1::4, 1::4].max(), expected.max(), rtol=0.3)
+    assert (
+        np.unravel_index(raw.argmax(), raw.shape)[0] // 4
+        == np.unravel_index(expected.argmax(), expected.shape)[0]
+    )
+
+
+def test_settings_accept_the_methods_and_refuse_others():
+    s = explain.ExplainSettings.from_dict(
+        {"method": "hirescam", "compare_methods": ["gradcam", "hirescam", "layercam"]}
+    )
+    assert s.methods == ("hirescam", "gradcam", "layercam")
+    with pytest.raises(ValueError, match="scorecam"):
+        explain.ExplainSettings.from_dict({"compare_methods": ["scorecam"]})
+    with pytest.raises(ValueError, match="perturbation_steps"):
+        explain.ExplainSettings.from_dict({"perturbation_steps": -1})
 
 
 def test_log_odds_target_is_what_moves_the_softmax_probability():
@@ -91,7 +131,9 @@ def test_explain_case_writes_cams_on_the_masked_and_ct_grids(tmp_path):
     save_nifti(lesion, m_aff, tmp_path / "lesion.nii.gz")
     pred = {"probability": 0.8, "prediction": 1, "label": 1, "split": "test", "threshold": 0.5}
     out = tmp_path / "explain"
-    settings = explain.ExplainSettings(method="gradcam++", device="cpu")
+    settings = explain.ExplainSettings(
+        method="gradcam++", compare_methods=("layercam",), device="cpu", perturbation_steps=4
+    )
     info = explain.explain_case(
         explain.load_models(ck, settings),
         tmp_path / "masked.nii.gz",
@@ -102,6 +144,7 @@ def test_explain_case_writes_cams_on_the_masked_and_ct_grids(tmp_path):
         settings,
         prediction=pred,
         lesion_path=tmp_path / "lesion.nii.gz",
+        fill_hu=-1024,
     )
     cam = nib.load(out / "case-0123456789ab_cam.nii.gz")
     raw = nib.load(out / "case-0123456789ab_cam_raw.nii.gz")
@@ -115,9 +158,24 @@ def test_explain_case_writes_cams_on_the_masked_and_ct_grids(tmp_path):
     assert info["group"] == "TP" and info["lesion_voxels"] == 27
     assert isinstance(info["pointing_hit"], bool)
     assert 0.0 <= info["mass_in_lesion"] <= 1.0
+    assert set(info["methods"]) == {"gradcam++", "layercam"}
+    for m in info["methods"].values():
+        assert len(m["deletion_curve"]) == len(m["random_insertion_curve"]) == 5
+        assert 0.0 <= m["deletion_auc"] <= 1.0 and 0.0 <= m["random_insertion_auc"] <= 1.0
+        assert isinstance(m["pointing_hit"], bool)
+    assert info["deletion_auc"] == info["methods"]["gradcam++"]["deletion_auc"]
+    # the curves start at the model's probability of the intact input and insertion ends there
+    m = info["methods"]["gradcam++"]
+    assert m["deletion_curve"][0] == pytest.approx(info["probability_recomputed"], abs=1e-4)
+    assert m["insertion_curve"][-1] == pytest.approx(info["probability_recomputed"], abs=1e-4)
+    assert m["deletion_curve"][-1] == pytest.approx(m["insertion_curve"][0], abs=1e-4)
+    # the random order is the case's, not the map's: computed once, shared by the methods
+    lc = info["methods"]["layercam"]
+    assert lc["random_deletion_curve"] == m["random_deletion_curve"]
+    assert lc["deletion_curve"] != m["deletion_curve"] or lc["peak_vox"] == m["peak_vox"]
     assert (out / "case-0123456789ab.png").stat().st_size > 5000
     saved = json.loads((out / "case-0123456789ab.json").read_text())
-    assert saved["peak_vox"] == list(explain.peak_index(np.asanyarray(cam.dataobj)))
+    assert saved["peak_vox"] == list(faithfulness.peak_index(np.asanyarray(cam.dataobj)))
     # the raw CAM keeps its own scale: normalised CAM x raw max ~ raw CAM where both are high
     r = np.asanyarray(raw.dataobj)
     assert saved["raw_max"] == pytest.approx(float(r.max()), rel=1e-5)
@@ -144,19 +202,6 @@ def test_uncropped_cam_lines_up_with_the_ct(tmp_path):
     assert (corner < -1).all() and on_ct[0, 0, 0] == 0
 
 
-def test_pointing_game_and_mass():
-    cam = np.zeros((10, 10, 10), np.float32)
-    cam[5, 5, 5] = 1.0
-    cam[1, 1, 1] = 0.5
-    lesion = np.zeros((10, 10, 10), bool)
-    lesion[6:8, 5, 5] = True  # peak one voxel away: a hit with tolerance 1, a miss without
-    assert explain.pointing_game(cam, lesion, 1)
-    assert not explain.pointing_game(cam, lesion, 0)
-    lesion[5, 5, 5] = True
-    assert explain.mass_inside(cam, lesion) == pytest.approx(1.0 / 1.5)
-    assert explain.mass_inside(np.zeros_like(cam), lesion) != explain.mass_inside(cam, lesion)
-
-
 def test_randomised_model_cam_differs_from_a_trained_one():
     """Sanity of the check itself: the same weights give r = 1, fresh random weights do not."""
     torch.manual_seed(0)
@@ -164,10 +209,10 @@ def test_randomised_model_cam_differs_from_a_trained_one():
     x = torch.rand(1, 1, 32, 32, 32)
     a, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1)
     b, _ = explain.compute_cam(model, x, "gradcam", "layer3", 1)
-    assert explain.correlation(a, b)["pearson"] == pytest.approx(1.0)
+    assert faithfulness.correlation(a, b)["pearson"] == pytest.approx(1.0)
     ck = {"arch": "r3d_18", "channels": ["image"], "n_classes": 2}
     c, _ = explain.compute_cam(explain.random_model_like(ck, 7), x, "gradcam", "layer3", 1)
-    assert explain.correlation(a, c)["pearson"] < 0.9
+    assert faithfulness.correlation(a, c)["pearson"] < 0.9
 
 
 def test_summary_counts_only_true_positives_with_lesions():
@@ -181,6 +226,16 @@ def test_summary_counts_only_true_positives_with_lesions():
             "mass_in_lesion": mass,
             "lesion_fraction_of_roi": 0.05,
             "randomised_model": {"pearson": 0.1},
+            "method": "gradcam",
+            "methods": {
+                "gradcam": {"pointing_hit": hit, "mass_in_lesion": mass, "deletion_auc": 0.2},
+                # a comparison method that ignores the lesion: every true positive missed
+                "layercam": {
+                    "pointing_hit": None if hit is None else False,
+                    "mass_in_lesion": None if mass is None else 0.01,
+                    "deletion_auc": 0.6,
+                },
+            },
         }
 
     s = explain.summarise(
@@ -195,6 +250,13 @@ def test_summary_counts_only_true_positives_with_lesions():
     assert s["cam_mass_in_lesion"]["mean"] == pytest.approx(0.35)
     assert s["pointing_game"]["meets_target"] is False
     assert len(s["per_case"]) == 4
+    assert s["cam_mass_over_chance"]["mean"] == pytest.approx((0.6 / 0.05 + 0.1 / 0.05) / 2)
+    assert s["methods"]["gradcam"]["pointing_game"] == s["pointing_game"]
+    lc = s["methods"]["layercam"]
+    assert lc["pointing_game"]["hits"] == 0 and lc["pointing_game"]["n"] == 2
+    assert lc["deletion_auc"]["all_cases"]["mean"] == pytest.approx(0.6)
+    assert s["deletion_auc"]["true_positives"]["mean"] == pytest.approx(0.2)
+    assert s["random_deletion_auc"]["all_cases"]["mean"] is None  # no curves computed
 
 
 def test_read_prediction_takes_threshold_from_metrics(tmp_path):
@@ -302,3 +364,14 @@ def test_report_page_shows_the_case_on_its_ct_with_roi_and_lesion(tmp_path, caps
     # the page names cases by pseudonym only: no folder of the project reaches it
     for f in [out / "index.html", out / case_file(0)]:
         assert str(tmp_path) not in f.read_text()
+
+
+def test_a_removed_voxel_is_what_the_mask_stage_writes_outside_the_roi():
+    spec = InputSpec(channels=("image", "roi"), hu_window=(-40.0, 160.0))
+    base = explain.inputs.removed(spec, (3, 4, 5), -1024)
+    assert base.shape == (2, 3, 4, 5) and base.dtype == np.int16
+    assert (base[0] == -1024).all() and (base[1] == 0).all()
+    x = spec.network_input(torch.from_numpy(base[None]))
+    assert x.shape == (1, 2, 5, 4, 3) and float(x.abs().max()) == 0.0
+    # the image-only model: one channel, the fill as given
+    assert (explain.inputs.removed(InputSpec(), (2, 2, 2), -1000) == -1000).all()

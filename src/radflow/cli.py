@@ -555,6 +555,12 @@ def _add_explain(sub: Sub) -> None:
     x.add_argument("--root", default=".", help="project folder the manifest paths are under")
     x.add_argument("--lesion-template", default=None, help="lesion mask path template")
     x.add_argument("--id-map", default=None, help="private id map (template keys)")
+    x.add_argument(
+        "--fill-hu",
+        type=float,
+        required=True,
+        help="the mask stage's background fill (mask.background_hu): a removed voxel's HU",
+    )
     _settings(x, "explain")
     _threads_arg(x)
     x.set_defaults(func=cmd_explain)
@@ -576,13 +582,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
         lesion_template=args.lesion_template,
         id_map=args.id_map,
         threads=_threads(args.threads),
+        fill_hu=args.fill_hu,
     )
     pg = s["pointing_game"]
     rate = "n/a" if pg["hit_rate"] is None else f"{pg['hit_rate']:.2f}"
+    dele = s["deletion_auc"]["all_cases"]["mean"]
+    rand = s["random_deletion_auc"]["all_cases"]["mean"]
     print(
-        f"{s['n_cases']} cases explained; pointing game {pg['hits']}/{pg['n']} true positives "
-        f"(hit rate {rate}); r(trained, random CAM) mean "
-        f"{s['randomised_model_correlation']['pearson']['mean']}"
+        f"{s['n_cases']} cases explained ({s['method']}); pointing game {pg['hits']}/{pg['n']} "
+        f"true positives (hit rate {rate}); deletion AUC {dele} (random order {rand}); "
+        f"r(trained, random CAM) mean {s['randomised_model_correlation']['pearson']['mean']}"
     )
     return 0
 

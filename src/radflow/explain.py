@@ -1,4 +1,10 @@
-"""explain: Grad-CAM / Grad-CAM++ (grad-cam) for one case, on its own grid and the CT's.
+"""explain: class activation maps (grad-cam library) for one case, on its own grid and the CT's.
+
+Methods (``explain.method``): Grad-CAM, Grad-CAM++, HiResCAM (gradient x activation per cell,
+no spatial averaging of the gradients: the map is exactly what the layer contributes to the
+score) and LayerCAM (positive gradients x activations per cell: usable at shallower, finer
+layers). ``explain.compare_methods`` adds methods whose faithfulness numbers are computed beside
+the main method's, for comparison; volumes and pictures are the main method's.
 
 Per case this writes
 
@@ -13,8 +19,9 @@ Per case this writes
   convention), the model's HU window underneath, the CAM with transparency and a colour bar,
   the ROI outline; prediction, probability and label in the title;
 * ``{case}.json``: the numbers -- peak (voxel and world mm), raw CAM scale, the correlation with
-  the CAM of a randomly re-initialised model (sanity check), and, when a lesion mask is given,
-  the pointing-game hit and the CAM mass inside the lesion.
+  the CAM of a randomly re-initialised model (sanity check), deletion and insertion AUCs against
+  a random voxel order (``radflow.faithfulness``), and, when a lesion mask is given, the
+  pointing-game hit and the CAM mass inside the lesion; per method under ``methods``.
 """
 
 from __future__ import annotations
@@ -29,20 +36,38 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from radflow import geometry, inputs, paths
+from radflow import faithfulness, geometry, inputs, paths
+from radflow.faithfulness import correlation, peak_index
 from radflow.ids import case_keys_reader, fill_template
 from radflow.io import save_nifti, write_json
 from radflow.settings import section
 
-METHODS = ("gradcam", "gradcam++")
+# explain.method (schema enum) -> the grad-cam class; all four take 5D (B, C, Z, Y, X) input
+CAM_CLASSES = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+}
+METHODS = tuple(CAM_CLASSES)
 SCORES = ("log_odds", "logit")
+# per-method numbers that a case's JSON also carries at top level (for the main method)
+PER_METHOD = (
+    "pointing_hit",
+    "mass_in_lesion",
+    "deletion_auc",
+    "insertion_auc",
+    "random_deletion_auc",
+    "random_insertion_auc",
+)
 
 
 @dataclass(frozen=True)
 class ExplainSettings:
     """Explanation settings (config key ``explain``; defaults: the schema's)."""
 
-    method: str = "gradcam"  # gradcam | gradcam++
+    method: str = "gradcam"  # gradcam | gradcam++ | hirescam | layercam
+    compare_methods: tuple[str, ...] = ()  # more methods: faithfulness numbers only
     target_layer: str = "layer4"  # dotted module path; default: the last residual block
     target_class: int = 1  # the positive class
     # what the CAM explains: the target class's log-odds (its logit minus the log-sum-exp of
@@ -50,14 +75,23 @@ class ExplainSettings:
     # which also credits evidence that raises every class's logit alike)
     score: str = "log_odds"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    random_seed: int = 0  # seed of the re-initialised model of the randomisation check
+    random_seed: int = 0  # seed of the re-initialised model and of the random voxel orders
+    perturbation_steps: int = 16  # points of the deletion/insertion curves (0 = none)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The main method, then the comparison methods (each once)."""
+        return tuple(dict.fromkeys((self.method, *self.compare_methods)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ExplainSettings:
         """Build from a config mapping (unknown keys are an error)."""
-        d = section(cls, d, "explain", ())
-        if d.get("method", "gradcam") not in METHODS:
-            raise ValueError(f"explain.method must be one of {METHODS}")
+        d = section(cls, d, "explain", ("compare_methods",))
+        for m in (d.get("method", "gradcam"), *d.get("compare_methods", ())):
+            if m not in METHODS:
+                raise ValueError(f"explain.method {m!r}: must be one of {METHODS}")
+        if d.get("perturbation_steps", 0) < 0:
+            raise ValueError("explain.perturbation_steps must be >= 0")
         if d.get("score", "log_odds") not in SCORES:
             raise ValueError(f"explain.score must be one of {SCORES}")
         from radflow.model import check_device
@@ -101,12 +135,14 @@ def compute_cam(
     The normalised CAM is grad-cam's output. The raw CAM is grad-cam's own weighted activation
     map (``get_cam_image``) before its per-volume min-max scaling, upsampled linearly.
     """
+    import pytorch_grad_cam
     import torch
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from scipy import ndimage
 
-    cls = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}[method]
+    if method not in CAM_CLASSES:
+        raise ValueError(f"unknown CAM method {method!r}; known: {METHODS}")
+    cls = getattr(pytorch_grad_cam, CAM_CLASSES[method])
     targets = [
         LogOdds(target_class) if score == "log_odds" else ClassifierOutputTarget(target_class)
     ]
@@ -116,7 +152,8 @@ def compute_cam(
             norm = cam(input_tensor=x, targets=targets)[0]
         acts = cam.activations_and_grads.activations[-1].cpu().numpy()
         grads = cam.activations_and_grads.gradients[-1].cpu().numpy()
-        raw_small = np.maximum(cam.get_cam_image(x, mod, targets, acts, grads)[0], 0)
+        small = cam.get_cam_image(x, mod, targets, acts, grads, eigen_smooth=False)[0]
+        raw_small = np.maximum(small, 0)
     factors = [t / s for t, s in zip(x.shape[2:], raw_small.shape, strict=True)]
     raw = ndimage.zoom(raw_small.astype(np.float32), factors, order=1, mode="nearest")
     return norm.astype(np.float32), raw.astype(np.float32)
@@ -132,40 +169,6 @@ def uncrop(cam: np.ndarray, cam_affine: np.ndarray, ct: nib.Nifti1Image) -> np.n
     from radflow.resampling import resample
 
     return resample(cam, cam_affine, ct.affine, ct.shape[:3], order=1, fill=0.0, dtype=np.float32)
-
-
-def peak_index(cam: np.ndarray) -> tuple[int, int, int]:
-    """Voxel index of the CAM maximum."""
-    return tuple(int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape))  # type: ignore[return-value]
-
-
-def pointing_game(cam: np.ndarray, lesion: np.ndarray, tolerance_vox: int = 1) -> bool:
-    """True when the CAM peak lies in the lesion grown by ``tolerance_vox`` voxels."""
-    from scipy import ndimage
-
-    if not lesion.any():
-        return False
-    grown = ndimage.binary_dilation(lesion, iterations=tolerance_vox) if tolerance_vox else lesion
-    return bool(grown[peak_index(cam)])
-
-
-def mass_inside(cam: np.ndarray, mask: np.ndarray) -> float:
-    """Fraction of the CAM's total mass that lies inside ``mask`` (NaN for an all-zero CAM)."""
-    total = float(cam.sum())
-    return float(cam[mask.astype(bool)].sum() / total) if total > 0 else float("nan")
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Pearson and Spearman correlation of two CAMs (NaN when one is constant)."""
-    from scipy import stats
-
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    if a.std() == 0 or b.std() == 0:
-        return {"pearson": float("nan"), "spearman": float("nan")}
-    return {
-        "pearson": float(np.corrcoef(a, b)[0, 1]),
-        "spearman": float(stats.spearmanr(a, b).statistic),
-    }
 
 
 def random_model_like(ck: dict[str, Any], seed: int) -> Any:
@@ -189,6 +192,56 @@ def load_models(
     return model.to(dev), random_model_like(ck, settings.random_seed).to(dev), ck
 
 
+def method_numbers(
+    model: Any,
+    x: Any,
+    baseline: Any,
+    method: str,
+    settings: ExplainSettings,
+    roi: np.ndarray,
+    lesion: np.ndarray | None,
+    random_curves: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """One method's faithfulness numbers on one case, and its (normalised, raw) CAM in RAS.
+
+    ``x`` and ``baseline`` are network inputs (1, C, Z, Y, X) on the model's device; the
+    baseline is ``x`` with every voxel removed (``inputs.removed``). ``random_curves``: the
+    case's random-order curves from an earlier method (they do not depend on the map)."""
+    import torch
+
+    how = (settings.target_layer, settings.target_class, settings.score)
+    norm_zyx, raw_zyx = compute_cam(model, x, method, *how)
+    cam, raw = to_ras(norm_zyx), to_ras(raw_zyx)
+    nums: dict[str, Any] = {"method": method, "peak_vox": list(peak_index(cam))}
+    if settings.perturbation_steps:
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                z = model(torch.from_numpy(batch).to(x.device)).float()
+            return z.softmax(1)[:, settings.target_class].cpu().numpy()
+
+        curves = faithfulness.deletion_insertion(
+            predict,
+            x[0].cpu().numpy(),
+            baseline[0].cpu().numpy(),
+            norm_zyx,
+            settings.perturbation_steps,
+            seed=settings.random_seed,
+            with_random=random_curves is None,
+        )
+        nums |= curves | {k: v for k, v in (random_curves or {}).items() if k.startswith("random")}
+    if lesion is not None:
+        nums["pointing_hit"] = faithfulness.pointing_game(cam, lesion, 1) if lesion.any() else None
+        # both within the ROI: the CAM's share of the organ that falls on the lesion, against
+        # the lesion's share of the organ (what a CAM spread evenly over the organ would get)
+        nums["mass_in_lesion"] = (
+            faithfulness.mass_inside(np.where(roi, raw, 0), lesion & roi)
+            if (lesion & roi).any()
+            else None
+        )
+    return nums, cam, raw
+
+
 def explain_case(
     models: tuple[Any, Any, dict[str, Any]],
     masked_path: str | os.PathLike,
@@ -199,8 +252,13 @@ def explain_case(
     settings: ExplainSettings,
     prediction: dict[str, Any] | None = None,
     lesion_path: str | os.PathLike | None = None,
+    *,
+    fill_hu: float,
 ) -> dict[str, Any]:
-    """Explain one case: CAM volumes, picture and numbers (see the module docstring)."""
+    """Explain one case: CAM volumes, picture and numbers (see the module docstring).
+
+    ``fill_hu`` is the mask stage's background fill (``mask.background_hu``): what a voxel
+    removed by the deletion curve becomes."""
     import torch
 
     model, rand_model, ck = models
@@ -212,11 +270,25 @@ def explain_case(
     hu, roi = stored[inputs.CHANNELS.index("image")], stored[inputs.CHANNELS.index("roi")] > 0
     vol = stored[[inputs.CHANNELS.index(c) for c in spec.channels]][None]
     x = spec.network_input(torch.from_numpy(vol).to(dev))
+    base = inputs.removed(spec, vol.shape[2:], fill_hu)[None]
+    baseline = spec.network_input(torch.from_numpy(base).to(dev))
     with torch.no_grad():
         prob = float(model(x).float().softmax(1)[0, settings.target_class])
+    lesion = None
+    if lesion_path is not None:
+        from radflow.qc import to_grid
+
+        les_img = nib.load(str(lesion_path))
+        les = np.asanyarray(les_img.dataobj).astype(np.uint8)
+        lesion = to_grid(les, les_img.affine, masked.affine, hu.shape) > 0
+    methods = {}
+    for m in settings.methods:
+        first = next(iter(methods.values()), None)
+        nums, c, r = method_numbers(model, x, baseline, m, settings, roi, lesion, first)
+        methods[m] = nums
+        if m == settings.method:
+            cam, raw = c, r
     how = (settings.method, settings.target_layer, settings.target_class, settings.score)
-    norm_zyx, raw_zyx = compute_cam(model, x, *how)
-    cam, raw = to_ras(norm_zyx), to_ras(raw_zyx)
     rand_cam = to_ras(compute_cam(rand_model, x, *how)[0])
     ct = nib.load(str(ct_path))
     cam_ct = uncrop(cam, masked.affine, ct)
@@ -244,29 +316,24 @@ def explain_case(
         "peak_mm": [round(float(v), 2) for v in geometry.voxel_to_world(masked.affine, peak)],
         "raw_max": float(raw.max()),
         "raw_mean_in_roi": float(raw[roi].mean()) if roi.any() else float("nan"),
-        "mass_in_roi": mass_inside(raw, roi),
+        "mass_in_roi": faithfulness.mass_inside(raw, roi),
         "randomised_model": correlation(cam, rand_cam),
         "checkpoint_epoch": int(ck["epoch"]),
         "hu_window": list(spec.hu_window),
         "intensity_rule": spec.intensity_rule,
+        "fill_hu": float(fill_hu),
         "settings": asdict(settings),
     }
-    if lesion_path is not None:
-        from radflow.qc import to_grid
-
-        les_img = nib.load(str(lesion_path))
-        les = np.asanyarray(les_img.dataobj).astype(np.uint8)
-        lesion = to_grid(les, les_img.affine, masked.affine, cam.shape) > 0
+    main = methods[settings.method]
+    for key in PER_METHOD:
+        if key in main:
+            info[key] = main[key]
+    if lesion is not None:
         info["lesion_voxels"] = int(lesion.sum())
-        info["pointing_hit"] = pointing_game(cam, lesion, 1) if lesion.any() else None
-        # both within the ROI: the CAM's share of the organ that falls on the lesion, against
-        # the lesion's share of the organ (what a CAM spread evenly over the organ would get)
-        info["mass_in_lesion"] = (
-            mass_inside(np.where(roi, raw, 0), lesion & roi) if (lesion & roi).any() else None
-        )
         info["lesion_fraction_of_roi"] = (
             float((lesion & roi).sum() / roi.sum()) if roi.any() and lesion.any() else None
         )
+    info["methods"] = methods
     title = (
         f"{case_id}  {info['group']}  p={info['probability']:.2f}  pred={info['prediction']}  "
         f"label={info['label']}  ({settings.method})"
@@ -288,12 +355,15 @@ def explain(
     lesion_template: str | None = None,
     id_map: str | os.PathLike | None = None,
     threads: int = 1,
+    *,
+    fill_hu: float,
 ) -> dict[str, Any]:
     """Explain every case of ``splits`` (model loaded once), then write the cohort outputs.
 
-    ``lesion_template`` (placeholders as in ``qc.reference``) is filled per case from the
-    private ``id_map``; a missing lesion file leaves that case without faithfulness numbers and
-    without a lesion outline on the review page.
+    ``fill_hu``: the mask stage's background fill (``mask.background_hu``), what the deletion
+    curves put in place of a removed voxel. ``lesion_template`` (placeholders as in
+    ``qc.reference``) is filled per case from the private ``id_map``; a missing lesion file
+    leaves that case without lesion numbers and without a lesion outline on the review page.
     """
     import sys
 
@@ -323,6 +393,7 @@ def explain(
             settings,
             prediction=prediction_of(preds, r.case_id, predictions),
             lesion_path=lesions.get(r.case_id),
+            fill_hu=fill_hu,
         )
         jsons.append(out / f"{r.case_id}.json")
     return report(jsons, out, root=root, metrics=metrics, lesions=lesions)
@@ -439,45 +510,76 @@ def read_prediction(
 # --------------------------------------------------------------------------- cohort summary
 
 
+def _stats(v: list[float]) -> dict[str, float | None]:
+    if not v:
+        return {"mean": None, "sd": None, "min": None, "max": None}
+    a = np.asarray(v, dtype=float)
+    return {
+        "mean": float(a.mean()),
+        "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
+
+
+def _of_method(info: dict[str, Any], method: str) -> dict[str, Any]:
+    """A case's numbers for one method (JSONs without ``methods``: the top level)."""
+    if "methods" in info:
+        return info["methods"].get(method, {})
+    return info if info.get("method") == method else {}
+
+
+def method_summary(infos: list[dict[str, Any]], method: str, hit_target: float) -> dict[str, Any]:
+    """One method over the explained cases: pointing game and lesion mass over true positives
+    with a lesion, deletion/insertion AUCs (and their random-order baselines) over true positives
+    and over every case."""
+    tps = [i for i in infos if i.get("group") == "TP"]
+    with_lesion = [
+        (i, n) for i in tps if (n := _of_method(i, method)).get("pointing_hit") is not None
+    ]
+    hits = [bool(n["pointing_hit"]) for _, n in with_lesion]
+    mass = [(n["mass_in_lesion"], i["lesion_fraction_of_roi"]) for i, n in with_lesion]
+    mass = [(m, c) for m, c in mass if m is not None and c]
+    out: dict[str, Any] = {
+        "pointing_game": faithfulness.hit_rate(hits, hit_target) | {"tolerance_vox": 1},
+        "cam_mass_in_lesion": _stats([m for m, _ in mass]),
+        "cam_mass_over_chance": _stats([m / c for m, c in mass]),
+    }
+    for key in PER_METHOD[2:]:
+        out[key] = {
+            group: _stats([n[key] for i in cases if key in (n := _of_method(i, method))])
+            for group, cases in (("true_positives", tps), ("all_cases", infos))
+        }
+    return out
+
+
 def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str, Any]:
-    """Faithfulness over the explained cases: pointing game and lesion mass for true positives,
-    and the model-randomisation check for every case."""
+    """Faithfulness over the explained cases, per method (the main method's also at top level):
+    pointing game and lesion mass for true positives, deletion/insertion AUCs against a random
+    voxel order, and the model-randomisation check for every case."""
+    main = infos[0]["method"] if infos else None
+    names = list(infos[0].get("methods", {main: None})) if infos else []
+    methods = {m: method_summary(infos, m, hit_target) for m in names}
     tps = [i for i in infos if i.get("group") == "TP" and i.get("pointing_hit") is not None]
-    hits = [bool(i["pointing_hit"]) for i in tps]
-    mass = [float(i["mass_in_lesion"]) for i in tps]
     chance = [float(i["lesion_fraction_of_roi"]) for i in tps]
     rand = [i["randomised_model"]["pearson"] for i in infos]
     rand = [r for r in rand if not np.isnan(r)]
-
-    def stats(v: list[float]) -> dict[str, float | None]:
-        if not v:
-            return {"mean": None, "sd": None, "min": None, "max": None}
-        a = np.asarray(v, dtype=float)
-        return {
-            "mean": a.mean(),
-            "sd": a.std(ddof=1) if len(a) > 1 else 0.0,
-            "min": a.min(),
-            "max": a.max(),
-        }
-
+    top = methods.get(main) or method_summary([], "", hit_target)
     return {
         "n_cases": len(infos),
         "n_true_positives_with_lesion": len(tps),
-        "pointing_game": {
-            "hit_rate": float(np.mean(hits)) if hits else None,
-            "hits": int(sum(hits)),
-            "n": len(hits),
-            "tolerance_vox": 1,
-            "target": hit_target,
-            "meets_target": bool(hits) and float(np.mean(hits)) >= hit_target,
-        },
-        "cam_mass_in_lesion": stats(mass),
-        "lesion_fraction_of_roi": stats(chance),
+        "method": main,
+        **top,
+        "lesion_fraction_of_roi": _stats(chance),
         "randomised_model_correlation": {
-            "pearson": stats(rand),
+            "pearson": _stats(rand),
             "note": "CAM of the trained model vs the same architecture re-initialised at random; "
             "a faithful explanation depends on the learned weights, so this should be low",
         },
+        "perturbation_note": "deletion: probability as the most-attributed voxels are set to the "
+        "mask's background (lower area = more faithful); insertion: as they are put back into an "
+        "all-background volume (higher = more faithful); random_*: the same in a random order",
+        "methods": methods,
         "per_case": [
             {
                 k: i.get(k)
@@ -486,9 +588,8 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
                     "split",
                     "group",
                     "probability",
-                    "pointing_hit",
-                    "mass_in_lesion",
                     "lesion_fraction_of_roi",
+                    *PER_METHOD,
                 )
             }
             | {"randomised_pearson": i["randomised_model"]["pearson"]}

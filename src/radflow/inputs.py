@@ -111,6 +111,15 @@ def check_channels(channels: Sequence[str]) -> None:
         raise ValueError(f"channels must be a non-empty subset of {CHANNELS}, got {channels}")
 
 
+def removed(spec: InputSpec, shape: Sequence[int], fill_hu: float) -> np.ndarray:
+    """Stored (C, X, Y, Z) int16 of a volume whose every voxel is removed: what the mask stage
+    writes outside the ROI -- ``fill_hu`` (``mask.background_hu``) in the image, 0 in the ROI.
+
+    The baseline of explain's deletion and insertion curves."""
+    fill = {"image": int(round(fill_hu)), "roi": 0}
+    return np.stack([np.full(tuple(shape), fill[c], dtype=np.int16) for c in spec.channels])
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -428,6 +428,7 @@ def predict(
 
     from radflow import evaluate, explain, model
     from radflow.inputs import Cache, InputSpec
+    from radflow.mask import MaskSettings
 
     torch.set_num_threads(threads)
     work, out = Path(work), Path(out_dir)
@@ -471,6 +472,7 @@ def predict(
                 "split": "predict",
                 "threshold": thr,
             },
+            fill_hu=MaskSettings.from_dict(meta["preprocessing"]["mask"]).background_hu,
         )
         jsons.append(cams / f"{r.case_id}.json")
     explain.report(jsons, cams, root=work)

@@ -37,6 +37,7 @@ rule explain:
             without(config["explain"], "threads", "splits", "lesion_reference")
         ),
         splits=config["explain"]["splits"],
+        fill_hu=config["mask"]["background_hu"],
         lesion=lambda wc: opt(
             "--lesion-template", config["explain"].get("lesion_reference")
         ),
@@ -44,6 +45,7 @@ rule explain:
         "radflow explain {input.checkpoint:q} {input.manifest:q} {output:q} "
         "--predictions {input.predictions:q} --metrics {input.metrics:q} "
         "--splits {params.splits:q} --id-map {input.id_map:q} {params.lesion} --root . "
+        "--fill-hu {params.fill_hu} "
         "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
