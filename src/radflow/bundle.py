@@ -26,6 +26,7 @@ from typing import Any
 
 import radflow
 from radflow.io import sha256_file, write_json, write_text
+from radflow.source import InputSpec
 
 BUNDLE_FORMAT = 1  # bumped whenever a reader of format N could misread a newer bundle
 WEIGHTS = "weights.pt"
@@ -58,6 +59,8 @@ def preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
 
     ingest = strip("ingest")
     return {
+        # how intensities are stored (HU for CT): a NIfTI cohort's volumes are read by it
+        "input": {"modality": InputSpec.from_dict(config.get("input")).modality},
         "ingest": {"selection": ingest["selection"], "max_image_mb": ingest["max_image_mb"]},
         "convert": strip("convert"),
         "segment": strip("segment"),
@@ -74,10 +77,16 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
 
 
+def recorded_preprocessing(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A bundle's preprocessing; a bundle from before NIfTI cohorts (no ``input``) was made
+    from a DICOM CT cohort."""
+    return {"input": {"modality": "CT"}, **recorded}
+
+
 def conflicts(config: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """Each preprocessing key where ``config`` differs from the bundle's ``recorded`` settings,
     as ``key: config X, bundle Y``."""
-    mine, theirs = _flat(preprocessing(config)), _flat(recorded)
+    mine, theirs = _flat(preprocessing(config)), _flat(recorded_preprocessing(recorded))
     return [
         f"{k}: config {json.dumps(mine.get(k))}, bundle {json.dumps(theirs.get(k))}"
         for k in sorted(set(mine) | set(theirs))
