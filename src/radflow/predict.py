@@ -354,9 +354,11 @@ def load_model(
     device: str = "auto",
     threads: int = 1,
     weights_dir: str | None = None,
+    volume_index: int | None = None,
 ) -> Predictor:
-    """A verified bundle, loaded once for many ``predict(path)`` calls."""
-    return Predictor(bundle_dir, device, threads, weights_dir)
+    """A verified bundle, loaded once for many ``predict(path)`` calls (``volume_index``: the
+    volume taken from a 4-D NIfTI input, as ``input.volume_index``; None refuses 4-D)."""
+    return Predictor(bundle_dir, device, threads, weights_dir, volume_index)
 
 
 def predict_study(
