@@ -38,8 +38,10 @@ CLASS_NAMES = ("negative", "positive")
 RUNTIME_KEYS = {
     "ingest": ("threads",),
     "convert": ("threads",),
-    "segment": ("threads", "batches", "device", "weights_dir", "precomputed"),
+    # allow_phantom only guards the workflow's start: it does not change a mask
+    "segment": ("threads", "batches", "device", "weights_dir", "precomputed", "allow_phantom"),
     "mask": ("threads",),
+    "qc": ("reference",),  # the training cohort's reference masks
 }
 
 
@@ -65,6 +67,8 @@ def preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
         "convert": strip("convert"),
         "segment": strip("segment"),
         "mask": strip("mask"),
+        # which masks are usable (plausibility ranges, implausible: exclude|flag)
+        "qc": strip("qc"),
     }
 
 
@@ -86,7 +90,10 @@ def recorded_preprocessing(recorded: Mapping[str, Any]) -> dict[str, Any]:
 def conflicts(config: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """Each preprocessing key where ``config`` differs from the bundle's ``recorded`` settings,
     as ``key: config X, bundle Y``."""
-    mine, theirs = _flat(preprocessing(config)), _flat(recorded_preprocessing(recorded))
+    recorded = recorded_preprocessing(recorded)
+    # a section an older bundle did not record (qc) is not compared
+    mine = _flat({k: v for k, v in preprocessing(config).items() if k in recorded})
+    theirs = _flat(recorded)
     return [
         f"{k}: config {json.dumps(mine.get(k))}, bundle {json.dumps(theirs.get(k))}"
         for k in sorted(set(mine) | set(theirs))

@@ -183,6 +183,7 @@ class Predictor:
         from radflow.ingest import SelectionRules
         from radflow.mask import MaskSettings
         from radflow.model import resolve_device
+        from radflow.plausibility import QcSettings
         from radflow.segment import SegmentSettings
 
         torch.set_num_threads(threads)
@@ -201,10 +202,14 @@ class Predictor:
             }
         )
         self.convert = ConvertSettings.from_dict(pre["convert"])
-        seg = {**pre["segment"], "device": device}
+        # (bundles written before allow_phantom was a runtime key recorded it)
+        seg = {k: v for k, v in pre["segment"].items() if k not in bundle.RUNTIME_KEYS["segment"]}
+        seg["device"] = device
         seg["weights_dir"] = weights_dir or self.meta.get("segment_weights_dir") or ""
         self.segment = SegmentSettings.from_dict(seg)
         self.mask = MaskSettings.from_dict(pre["mask"])
+        # the training cohort's plausibility QC (defaults for bundles that did not record it)
+        self.qc = QcSettings.from_dict(pre.get("qc"))
         # a NIfTI volume's intensities are read as the training cohort's were (CT: HU)
         modality = bundle.recorded_preprocessing(pre)["input"]["modality"]
         self.volume_spec = InputSpec(format="nifti", modality=modality, volume_index=volume_index)
@@ -314,7 +319,10 @@ class Predictor:
         segment_image(image, seg, self.segment, work / "seg.json", threads=self.threads)
         lap("segment")
         masked, roi = work / "masked.nii.gz", work / "roi.nii.gz"
-        rec = mask(image, seg, masked, self.mask, roi, work / "mask.json", threads=self.threads)
+        rec = mask(
+            image, seg, masked, self.mask, roi, work / "mask.json", threads=self.threads,
+            qc=self.qc,
+        )  # fmt: skip
         if not status.is_ok(rec) or not rec.get("usable"):
             raise status.CaseFailedError(rec.get("reason_code") or "ROI", rec.get("reason", ""))
         lap("mask")
