@@ -161,6 +161,17 @@ def test_a_bundle_from_before_nifti_cohorts_reads_as_ct():
         _cohort("cohort.csv", old, modality="other")
 
 
+def test_qc_is_preprocessing_but_not_for_bundles_that_did_not_record_it():
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["qc"]["implausible"] = "flag"
+    cfg["segment"]["allow_phantom"] = True  # a start guard, not preprocessing
+    assert bundle.conflicts(cfg, bundle.preprocessing(CONFIG)) == [
+        'qc.implausible: config "flag", bundle "exclude"'
+    ]
+    old = {k: v for k, v in bundle.preprocessing(CONFIG).items() if k not in ("qc", "input")}
+    assert bundle.conflicts(cfg, old) == []
+
+
 def test_one_nifti_volume_is_not_a_predict_cohort():
     with pytest.raises(ValueError, match="NIfTI cohort is a sheet"):
         _cohort("one.nii.gz")
