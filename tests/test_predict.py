@@ -119,11 +119,62 @@ def test_cohort_config_takes_the_bundle_settings_and_the_new_cohort():
     assert out["qc"]["reference"] is None and "predict" not in out
 
 
-def test_a_nifti_sheet_is_refused_until_nifti_cohorts_exist():
+def _cohort(raw_dir, meta_pre=None, **input_):
     cfg = json.loads(json.dumps(CONFIG))
-    cfg["predict"]["raw_dir"] = "cohort.csv"
-    with pytest.raises(ValueError, match="NIfTI cohorts"):
-        predict.cohort_config(cfg, {"preprocessing": bundle.preprocessing(CONFIG)}, "s", None)
+    cfg["predict"]["raw_dir"] = raw_dir
+    if input_:
+        cfg["input"] = input_
+    pre = meta_pre if meta_pre is not None else bundle.preprocessing(CONFIG)
+    return predict.cohort_config(cfg, {"preprocessing": pre}, "s", None)
+
+
+def test_a_nifti_sheet_makes_a_nifti_predict_cohort(tmp_path):
+    sheet = tmp_path / "new" / "cohort.csv"
+    out = _cohort(str(sheet))
+    assert out["input"]["format"] == "nifti" and out["input"]["sheet"] == str(sheet)
+    assert out["input"]["modality"] == "CT"  # the bundle's
+    assert out["raw_dir"] == str(sheet.parent)
+    # labels come from the sheet's label column unless predict.labels is given
+    assert out["labels"]["path"] is None
+    from radflow.source import from_config
+
+    spec, location = from_config(out)
+    assert spec.format == "nifti" and location == str(sheet)
+
+
+def test_a_dicom_predict_cohort_does_not_inherit_a_nifti_training_sheet():
+    mr = {**bundle.preprocessing(CONFIG), "input": {"modality": "MR"}}
+    out = _cohort("new/raw", mr, format="nifti", sheet="train.csv", modality="MR")
+    assert out["input"]["format"] == "dicom" and out["input"]["sheet"] is None
+    assert out["raw_dir"] == str(Path("new/raw").resolve())
+
+
+def test_a_modality_other_than_the_bundle_s_is_a_conflict():
+    with pytest.raises(ValueError, match=r"input\.modality: config \"MR\", bundle \"CT\""):
+        _cohort("cohort.csv", modality="MR")
+
+
+def test_a_bundle_from_before_nifti_cohorts_reads_as_ct():
+    old = {k: v for k, v in bundle.preprocessing(CONFIG).items() if k != "input"}
+    assert _cohort("cohort.csv", old)["input"]["modality"] == "CT"
+    with pytest.raises(ValueError, match=r"input\.modality"):
+        _cohort("cohort.csv", old, modality="other")
+
+
+def test_qc_is_preprocessing_but_not_for_bundles_that_did_not_record_it():
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["qc"]["implausible"] = "flag"
+    cfg["segment"]["allow_phantom"] = True  # a start guard, not preprocessing
+    assert bundle.conflicts(cfg, bundle.preprocessing(CONFIG)) == [
+        'qc.implausible: config "flag", bundle "exclude"'
+    ]
+    old = {k: v for k, v in bundle.preprocessing(CONFIG).items() if k not in ("qc", "input")}
+    assert bundle.conflicts(cfg, old) == []
+
+
+def test_one_nifti_volume_is_not_a_predict_cohort():
+    with pytest.raises(ValueError, match="NIfTI cohort is a sheet"):
+        _cohort("one.nii.gz")
 
 
 # --------------------------------------------------------------------------- on the workflow
@@ -240,3 +291,38 @@ def test_radflow_predict_cli_and_its_refusals(predicted, tmp_path):
     bad = run(str(tampered), str(study), "--out", str(tmp_path / "t"))
     assert bad.returncode == 2 and "tampered model bundle" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_nifti_volume_gives_evaluate_s_probability(trained, tmp_path):
+    """A converted volume (results/nifti) given back as NIfTI input, stored LPS: reorientation
+    to RAS+ and reconversion at the same spacing are the identity, so the probability is
+    evaluate's and the CAM comes back on the file's own (LPS) grid."""
+    import nibabel as nib
+
+    old = pd.read_csv(trained / paths.PREDICTIONS).set_index("case_id")
+    case = sorted(old.index)[0]
+    ras = nib.load(trained / paths.for_case(paths.NIFTI, case))
+    lps = nib.orientations.axcodes2ornt(("L", "P", "S"))
+    flip = nib.orientations.ornt_transform(nib.io_orientation(ras.affine), lps)
+    data = nib.orientations.apply_orientation(np.asanyarray(ras.dataobj), flip)
+    aff = ras.affine @ nib.orientations.inv_ornt_aff(flip, ras.shape)
+    src = tmp_path / "study.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), src)
+    model = predict.load_model(trained / paths.MODEL_DIR, device="cpu", threads=2)
+    res = model.predict(src, out_dir=tmp_path / "work")
+    reconverted = nib.load(tmp_path / "work" / "image.nii.gz")
+    assert np.array_equal(np.asanyarray(reconverted.dataobj), np.asanyarray(ras.dataobj))
+    assert np.allclose(reconverted.affine, ras.affine, atol=1e-5)
+    assert abs(res.probability - old.loc[case, "probability"]) < 1e-5
+    assert res.prediction == int(res.probability >= model.threshold)
+    assert res.cam.shape == data.shape and np.allclose(res.cam.affine, aff, atol=1e-5)
+    assert (
+        nib.aff2axcodes(res.cam.affine) == ("L", "P", "S") and float(res.cam.get_fdata().max()) > 0
+    )
+    # a volume that is not HU is refused with ingest's reason, as in a NIfTI cohort
+    nib.save(nib.Nifti1Image((data.astype(np.float32) + 1024), aff), tmp_path / "raw.nii.gz")
+    with pytest.raises(status.CaseFailedError, match="NOT_HU.*intercept"):
+        model.predict(tmp_path / "raw.nii.gz")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(status.CaseFailedError, match="NOT_A_STUDY"):
+        model.predict(tmp_path / "notes.txt")

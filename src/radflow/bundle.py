@@ -26,6 +26,7 @@ from typing import Any
 
 import radflow
 from radflow.io import sha256_file, write_json, write_text
+from radflow.source import InputSpec
 
 BUNDLE_FORMAT = 1  # bumped whenever a reader of format N could misread a newer bundle
 WEIGHTS = "weights.pt"
@@ -37,8 +38,10 @@ CLASS_NAMES = ("negative", "positive")
 RUNTIME_KEYS = {
     "ingest": ("threads",),
     "convert": ("threads",),
-    "segment": ("threads", "batches", "device", "weights_dir", "precomputed"),
+    # allow_phantom only guards the workflow's start: it does not change a mask
+    "segment": ("threads", "batches", "device", "weights_dir", "precomputed", "allow_phantom"),
     "mask": ("threads",),
+    "qc": ("reference",),  # the training cohort's reference masks
 }
 
 
@@ -58,10 +61,14 @@ def preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
 
     ingest = strip("ingest")
     return {
+        # how intensities are stored (HU for CT): a NIfTI cohort's volumes are read by it
+        "input": {"modality": InputSpec.from_dict(config.get("input")).modality},
         "ingest": {"selection": ingest["selection"], "max_image_mb": ingest["max_image_mb"]},
         "convert": strip("convert"),
         "segment": strip("segment"),
         "mask": strip("mask"),
+        # which masks are usable (plausibility ranges, implausible: exclude|flag)
+        "qc": strip("qc"),
     }
 
 
@@ -74,10 +81,19 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
 
 
+def recorded_preprocessing(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A bundle's preprocessing; a bundle from before NIfTI cohorts (no ``input``) was made
+    from a DICOM CT cohort."""
+    return {"input": {"modality": "CT"}, **recorded}
+
+
 def conflicts(config: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[str]:
     """Each preprocessing key where ``config`` differs from the bundle's ``recorded`` settings,
     as ``key: config X, bundle Y``."""
-    mine, theirs = _flat(preprocessing(config)), _flat(recorded)
+    recorded = recorded_preprocessing(recorded)
+    # a section an older bundle did not record (qc) is not compared
+    mine = _flat({k: v for k, v in preprocessing(config).items() if k in recorded})
+    theirs = _flat(recorded)
     return [
         f"{k}: config {json.dumps(mine.get(k))}, bundle {json.dumps(theirs.get(k))}"
         for k in sorted(set(mine) | set(theirs))

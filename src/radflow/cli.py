@@ -664,9 +664,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 @command
 def _add_predict(sub: Sub) -> None:
-    p = sub.add_parser("predict", help="one study (a DICOM folder) through a model bundle")
+    p = sub.add_parser(
+        "predict", help="one study (a DICOM folder or a NIfTI volume) through a model bundle"
+    )
     p.add_argument("bundle", help="model bundle folder (results/model)")
-    p.add_argument("input", help="one study: a DICOM folder")
+    p.add_argument("input", help="one study: a DICOM folder or a .nii/.nii.gz volume")
     p.add_argument("--out", required=True, help="folder for prediction.json and cam.nii.gz")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(

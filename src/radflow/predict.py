@@ -1,14 +1,16 @@
 """predict: a bundled model applied to new studies, with the bundle's preprocessing only.
 
 * ``load_model(bundle)`` -> ``Predictor``: torch, the network and (on first use) the
-  segmentation model load once; ``Predictor.predict(path)`` takes one study (a DICOM folder)
-  through selection, convert, segment and mask with the settings recorded in the bundle and
+  segmentation model load once; ``Predictor.predict(path)`` takes one study (a DICOM folder,
+  or one NIfTI volume read as the bundle's ``input.modality``) through selection (a volume:
+  ingest's header checks), convert, segment and mask with the settings recorded in the bundle and
   returns the probability, the prediction at the bundle's threshold and the Grad-CAM on the
   input's grid (``StudyPrediction``); a study that fails selection or QC raises
   ``status.CaseFailedError`` with its code and reason.
 * ``cohort_config``: the workflow config of a predict cohort (``results/predict/work/``, where
-  the workflow's own per-case rules run on ``predict.raw_dir``): the bundle's preprocessing,
-  and an error naming every key where the project's config differs from it.
+  the workflow's own per-case rules run on ``predict.raw_dir``, a DICOM tree or a NIfTI cohort
+  sheet): the bundle's preprocessing, and an error naming every key where the project's config
+  differs from it (``input.modality`` included).
 * ``predict``: the cohort stage: every selected case of the predict cohort's inventory is
   predicted (a case that failed a stage is listed in ``excluded.csv`` with its reason), CAMs and
   the review page are written, and with labels ``metrics.json`` holds the external validation
@@ -35,22 +37,28 @@ import pandas as pd
 
 from radflow import bundle, paths, status
 from radflow.io import write_json, write_table
-
-SHEET_SUFFIXES = (".csv", ".tsv", ".xlsx")
-
+from radflow.source import NIFTI_SUFFIXES, SHEET_SUFFIXES, InputSpec
 
 # --------------------------------------------------------------------------- cohort config
 
 
 def cohort_input(cfg: dict[str, Any], source: str) -> None:
-    """Point a predict cohort's config at its input. A DICOM tree today; the seam for NIfTI
-    cohort sheets (``input.format: nifti``, ``input.sheet``) once radflow reads them."""
-    if Path(source).suffix.lower() in SHEET_SUFFIXES:
+    """Point a predict cohort's config at its input (``radflow.source``): a DICOM tree
+    (``raw_dir``) or a NIfTI cohort sheet (``input.format nifti``, ``input.sheet``; its label
+    column labels the new cohort). ``input.modality`` is the bundle's, set by the caller."""
+    spec = InputSpec.resolve(
+        {k: v for k, v in (cfg.get("input") or {}).items() if k not in ("format", "sheet")},
+        source,
+    )
+    if spec.format == "nifti" and Path(source).suffix.lower() not in SHEET_SUFFIXES:
         raise ValueError(
-            f"predict.raw_dir {source} is a sheet: NIfTI cohorts need input.format nifti, "
-            "which this radflow does not read yet; give a DICOM tree"
+            f"predict.raw_dir {source} is a NIfTI volume: a NIfTI cohort is a sheet (.csv) "
+            "listing its volumes (one volume: radflow predict BUNDLE FILE)"
         )
-    cfg["raw_dir"] = os.path.abspath(source)
+    sheet = os.path.abspath(source) if spec.format == "nifti" else None
+    cfg["input"] = {**(cfg.get("input") or {}), "format": spec.format, "sheet": sheet}
+    # a NIfTI cohort does not read raw_dir; the sheet's folder stands in for the checks on it
+    cfg["raw_dir"] = os.path.dirname(sheet) if sheet else os.path.abspath(source)
 
 
 def cohort_config(
@@ -70,7 +78,9 @@ def cohort_config(
         )
     pred = config["predict"]
     if not pred.get("raw_dir"):
-        raise ValueError("predict.raw_dir is not set: the new cohort's DICOM tree")
+        raise ValueError(
+            "predict.raw_dir is not set: the new cohort's DICOM tree or NIfTI sheet (.csv)"
+        )
     cfg = copy.deepcopy({k: v for k, v in config.items() if k != "predict"})
     cohort_input(cfg, pred["raw_dir"])
     labels = dict(pred.get("labels") or {})
@@ -78,8 +88,8 @@ def cohort_config(
         labels["path"] = os.path.abspath(labels["path"])
     cfg["labels"] = {**cfg["labels"], "path": None, **labels}
     cfg["ids"] = {**cfg["ids"], "salt": salt}
-    for name, values in meta["preprocessing"].items():
-        cfg[name] = _merge(cfg[name], values)
+    for name, values in bundle.recorded_preprocessing(meta["preprocessing"]).items():
+        cfg[name] = _merge(cfg.get(name) or {}, values)
     if cfg["segment"]["backend"] == "precomputed":
         raise ValueError(
             "the bundle's segmentation is precomputed masks: predict_all needs the new "
@@ -126,7 +136,7 @@ class StudyPrediction:
     probability: float
     prediction: int
     threshold: float
-    cam: Any  # nibabel image: the normalised Grad-CAM on the input's (native DICOM) grid
+    cam: Any  # nibabel image: the normalised Grad-CAM on the input's grid (DICOM or NIfTI)
     cam_model: Any  # the same CAM on the masked volume's grid the network saw
     series: str  # why this series of the study was chosen (ingest's reason)
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
@@ -163,22 +173,24 @@ class Predictor:
         device: str = "auto",
         threads: int = 1,
         weights_dir: str | None = None,
+        volume_index: int | None = None,
     ) -> None:
         import torch
 
+        from radflow import inputs
         from radflow.convert import ConvertSettings
         from radflow.explain import ExplainSettings
         from radflow.ingest import SelectionRules
-        from radflow.inputs import InputSpec
         from radflow.mask import MaskSettings
         from radflow.model import resolve_device
+        from radflow.plausibility import QcSettings
         from radflow.segment import SegmentSettings
 
         torch.set_num_threads(threads)
         self.threads = threads
         self.device = resolve_device(device)
         self.model, self.ck, self.meta = bundle.load(bundle_dir, self.device)
-        self.spec = InputSpec.from_checkpoint(self.ck)
+        self.spec = inputs.InputSpec.from_checkpoint(self.ck)
         self.threshold = float(self.meta["threshold"])
         pre = self.meta["preprocessing"]
         self.max_image_mb = float(pre["ingest"]["max_image_mb"])
@@ -190,10 +202,17 @@ class Predictor:
             }
         )
         self.convert = ConvertSettings.from_dict(pre["convert"])
-        seg = {**pre["segment"], "device": device}
+        # (bundles written before allow_phantom was a runtime key recorded it)
+        seg = {k: v for k, v in pre["segment"].items() if k not in bundle.RUNTIME_KEYS["segment"]}
+        seg["device"] = device
         seg["weights_dir"] = weights_dir or self.meta.get("segment_weights_dir") or ""
         self.segment = SegmentSettings.from_dict(seg)
         self.mask = MaskSettings.from_dict(pre["mask"])
+        # the training cohort's plausibility QC (defaults for bundles that did not record it)
+        self.qc = QcSettings.from_dict(pre.get("qc"))
+        # a NIfTI volume's intensities are read as the training cohort's were (CT: HU)
+        modality = bundle.recorded_preprocessing(pre)["input"]["modality"]
+        self.volume_spec = InputSpec(format="nifti", modality=modality, volume_index=volume_index)
         self.explain = ExplainSettings.from_dict({**self.meta["explain"], "device": device})
 
     # ------------------------------------------------------------------ stages of one study
@@ -222,18 +241,27 @@ class Predictor:
         good = files[ingest.usable(files) & (files["SeriesInstanceUID"] == r["SeriesInstanceUID"])]
         return sorted(good["path"]), str(r["SeriesInstanceUID"]), str(r["reason"])
 
+    def check_volume(self, path: Path) -> str:
+        """Why one NIfTI volume is usable (ingest's header checks), or VolumeRefusedError."""
+        from radflow import nifti_input
+
+        img = nifti_input.load(path)
+        info = nifti_input.check_image(img, self.volume_spec.volume_index, self.max_image_mb)
+        dims = "x".join(map(str, info.shape))
+        return f"NIfTI volume {dims}, {'x'.join(f'{z:g}' for z in info.zooms)} mm"
+
     def predict(
         self, path: str | os.PathLike, out_dir: str | os.PathLike | None = None
     ) -> StudyPrediction:
-        """One study (a DICOM folder) -> ``StudyPrediction``; intermediate volumes go to
+        """One study (a DICOM folder or a NIfTI volume) -> ``StudyPrediction``; intermediate
+        volumes go to
         ``out_dir`` when given (else a temporary folder, removed)."""
         src = Path(path)
         if not src.exists():
             raise FileNotFoundError(f"no study at {src}")
-        if src.is_file():  # the seam of NIfTI inputs (input.format nifti)
-            raise status.CaseFailedError(
-                "NIFTI_INPUT", "a NIfTI file needs the NIfTI input path, not in this radflow yet"
-            )
+        if src.is_file() and not src.name.lower().endswith(NIFTI_SUFFIXES):
+            why = "not a NIfTI volume (.nii, .nii.gz): give a DICOM study folder or a volume"
+            raise status.CaseFailedError("NOT_A_STUDY", why)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             return self._predict(src, Path(out_dir))
@@ -258,10 +286,16 @@ class Predictor:
             t[name] = round(now - t0, 4)
             t0 = now
 
-        files, uid, reason = self.select(src)
+        nifti = src.is_file()
+        image = work / "image.nii.gz"
+        if nifti:  # one volume: ingest's header checks, then NIfTI conversion
+            reason = self.check_volume(src)
+            filelist, uid, spec = src, None, self.volume_spec
+        else:
+            files, uid, reason = self.select(src)
+            filelist, spec = work / "files.json", None
+            filelist.write_text(json.dumps(files))
         lap("select")
-        filelist, image = work / "files.json", work / "image.nii.gz"
-        filelist.write_text(json.dumps(files))
         try:
             sidecar = convert(
                 filelist,
@@ -271,6 +305,7 @@ class Predictor:
                 series_uid=uid,
                 threads=self.threads,
                 max_image_mb=self.max_image_mb,
+                input_spec=spec,
             )
         except status.CaseFailedError:
             raise
@@ -284,7 +319,10 @@ class Predictor:
         segment_image(image, seg, self.segment, work / "seg.json", threads=self.threads)
         lap("segment")
         masked, roi = work / "masked.nii.gz", work / "roi.nii.gz"
-        rec = mask(image, seg, masked, self.mask, roi, work / "mask.json", threads=self.threads)
+        rec = mask(
+            image, seg, masked, self.mask, roi, work / "mask.json", threads=self.threads,
+            qc=self.qc,
+        )  # fmt: skip
         if not status.is_ok(rec) or not rec.get("usable"):
             raise status.CaseFailedError(rec.get("reason_code") or "ROI", rec.get("reason", ""))
         lap("mask")
@@ -298,22 +336,21 @@ class Predictor:
         )
         cam = explain.to_ras(cam_zyx)
         m_aff = nib.load(str(masked)).affine
-        geo = sidecar["geometry"]
+        if nifti:  # the file's own grid (before convert's reorientation to RAS+)
+            src_affine = np.asarray(sidecar["source"]["affine"])
+            src_shape = tuple(sidecar["source"]["shape"][:3])
+        else:
+            src_affine = np.asarray(sidecar["geometry"]["source_affine"])
+            src_shape = tuple(sidecar["geometry"]["source_shape"])
         native = resampling.resample(
-            cam,
-            m_aff,
-            np.asarray(geo["source_affine"]),
-            tuple(geo["source_shape"]),
-            order=1,
-            fill=0.0,
-            dtype=np.float32,
+            cam, m_aff, src_affine, src_shape, order=1, fill=0.0, dtype=np.float32
         )
         lap("cam")
         return StudyPrediction(
             probability=prob,
             prediction=int(prob >= self.threshold),
             threshold=self.threshold,
-            cam=nib.Nifti1Image(native, np.asarray(geo["source_affine"])),
+            cam=nib.Nifti1Image(native, src_affine),
             cam_model=nib.Nifti1Image(cam, m_aff),
             series=reason,
             seconds=t,
@@ -325,9 +362,11 @@ def load_model(
     device: str = "auto",
     threads: int = 1,
     weights_dir: str | None = None,
+    volume_index: int | None = None,
 ) -> Predictor:
-    """A verified bundle, loaded once for many ``predict(path)`` calls."""
-    return Predictor(bundle_dir, device, threads, weights_dir)
+    """A verified bundle, loaded once for many ``predict(path)`` calls (``volume_index``: the
+    volume taken from a 4-D NIfTI input, as ``input.volume_index``; None refuses 4-D)."""
+    return Predictor(bundle_dir, device, threads, weights_dir, volume_index)
 
 
 def predict_study(
@@ -426,8 +465,7 @@ def predict(
     import torch
     from tqdm import tqdm
 
-    from radflow import evaluate, explain, model
-    from radflow.inputs import Cache, InputSpec
+    from radflow import evaluate, explain, inputs, model
     from radflow.mask import MaskSettings
 
     torch.set_num_threads(threads)
@@ -437,7 +475,7 @@ def predict(
     thr = float(meta["threshold"])
     cases, excluded = cohort_cases(work)
     cache_rows = cases.assign(label=cases["label"].fillna(0).astype(int))
-    cache = Cache(cache_rows, work, InputSpec.from_checkpoint(ck), dev)
+    cache = inputs.Cache(cache_rows, work, inputs.InputSpec.from_checkpoint(ck), dev)
     cases["probability"] = model.predict(net, cache, 4, dev.type == "cuda")
     cases["prediction"] = (cases["probability"] >= thr).astype(int)
     cases["threshold"] = thr
