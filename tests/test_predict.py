@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from radflow import bundle, paths, predict, status
+from radflow.segment import DEMO_MARKER
 from tests.conftest import BIN, REPO, snakemake, tree_digest
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -193,6 +194,8 @@ def predicted(trained, demo_cohort, tmp_path_factory):
     raw = tmp_path_factory.mktemp("newcohort") / "raw"
     for subject in sorted((demo_cohort / "raw").iterdir())[:3]:
         shutil.copytree(subject, raw / subject.name)
+    # demo studies: the demo's marker lets the phantom weights segment them (the phantom guard)
+    shutil.copy(demo_cohort / DEMO_MARKER, raw.parent / DEMO_MARKER)
     before = {d: tree_digest(trained / d) for d in ("manifests", paths.EVAL_DIR, paths.EXPLAIN_DIR)}
     proc = snakemake(
         trained,

@@ -408,8 +408,9 @@ def manifest(
     inventory = pd.read_parquet(inventory_path)
     if labels is not None and labels.path:
         inventory = relabel(inventory, labels, id_map)
-    elif labels is not None:  # labels.path null: every case unlabelled (unknown), whatever
-        inventory = inventory.assign(  # ingest saw
+    elif labels is not None and not _input_labelled(inventory):
+        # labels.path null and no labels of the input's own: every case unlabelled (unknown)
+        inventory = inventory.assign(
             label=pd.array([pd.NA] * len(inventory), dtype="Int64"),
             has_label=pd.array([pd.NA] * len(inventory), dtype="boolean"),
         )
@@ -418,6 +419,12 @@ def manifest(
     cases, excluded, registry = build(inventory, root, settings, config, registry)
     write(cases, excluded, registry, out_dir)
     return cases
+
+
+def _input_labelled(inventory: pd.DataFrame) -> bool:
+    """True when the input itself carries labels: a NIfTI sheet's ``label`` column (DICOM
+    ingest joins none; its labels come from the labels sheet, joined here)."""
+    return "label" in inventory.columns and bool(inventory["label"].notna().any())
 
 
 def relabel(inventory: pd.DataFrame, spec: Any, id_map: str | os.PathLike | None) -> pd.DataFrame:

@@ -283,7 +283,9 @@ def setup(
     seed_everything(settings.seed)
     cases = manifest.labelled(manifest.read(manifest_path), "training")  # unlabelled: no loss
     train_df, val_df = split_frames(cases, settings.fold)
-    n_classes = int(cases["label"].max()) + 1
+    n_classes = max(
+        2, int(cases["label"].max()) + 1
+    )  # binary labels; a tiny train split may hold one
     spec = settings.inputs
     tr, va = Cache(train_df, root, spec, device), Cache(val_df, root, spec, device)
     model = build_model(settings.arch, len(settings.channels), n_classes, settings.pretrained)
