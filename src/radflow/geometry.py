@@ -222,3 +222,27 @@ def line_deviation_mm(ipps: np.ndarray, positions: np.ndarray) -> float:
     frac = (s - s[0]) / (s[-1] - s[0])
     line = p[0] + frac[:, None] * (p[-1] - p[0])
     return float(np.linalg.norm(p - line, axis=1).max())
+
+
+def sidecar_geometry(
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    resampled: bool,
+    order: int,
+    src_shape: tuple[int, ...],
+    src_affine: np.ndarray,
+) -> dict:
+    """The ``geometry`` record of a converted volume's sidecar (DICOM and NIfTI alike)."""
+    import nibabel as nib
+
+    return {
+        "shape": list(shape),
+        "spacing_mm": [round(float(v), 6) for v in ras_spacing(affine)],
+        "affine": np.round(affine, 6).tolist(),
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "resampled": resampled,
+        "interpolation": {1: "linear", 3: "cubic"}[order] if resampled else "none",
+        "source_shape": list(src_shape),
+        "source_spacing_mm": [round(float(v), 6) for v in ras_spacing(src_affine)],
+        "source_affine": np.round(src_affine, 6).tolist(),
+    }

@@ -194,21 +194,27 @@ def apply_mask(
         sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         masked, keep = masked[sl], keep[sl]
         out_aff, box = shifted_affine(affine, lo), [lo, hi]
-    if settings.size is not None:
-        grid_aff, grid_shape = fit_grid(out_aff, masked.shape, settings.size)
-        masked = resample(
-            masked,
-            out_aff,
-            grid_aff,
-            grid_shape,
-            1,
-            settings.background_hu,
-            threads,
-            dtype=masked.dtype,
-        )
-        keep = resample(keep.astype(np.int16), out_aff, grid_aff, grid_shape, 0, 0, threads) > 0
-        out_aff = grid_aff
+    masked, keep, out_aff = to_size(masked, keep, out_aff, settings, threads)
     return MaskResult(masked, keep.astype(np.uint8), out_aff, usable, reason, roi_ml, box, roi)
+
+
+def to_size(
+    volume: np.ndarray,
+    keep: np.ndarray,
+    affine: np.ndarray,
+    settings: MaskSettings,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The volume (linear, filled with ``background_hu``, its own dtype) and its mask (nearest)
+    resampled onto the isotropic ``mask.size`` grid that holds them; as they are when size is
+    None."""
+    if settings.size is None:
+        return volume, keep, affine
+    grid_aff, grid_shape = fit_grid(affine, volume.shape, settings.size)
+    fill, dtype = settings.background_hu, volume.dtype
+    volume = resample(volume, affine, grid_aff, grid_shape, 1, fill, threads, dtype=dtype)
+    keep = resample(keep.astype(np.int16), affine, grid_aff, grid_shape, 0, 0, threads) > 0
+    return volume, keep, grid_aff
 
 
 def whole_volume(
@@ -221,20 +227,7 @@ def whole_volume(
     """
     fov = np.ones(image.shape, dtype=bool)
     fov_ml = float(image.size * np.prod(geometry.ras_spacing(affine)) / 1000.0)
-    masked, keep, out_aff = image.copy(), fov, affine
-    if settings.size is not None:
-        out_aff, grid_shape = fit_grid(affine, image.shape, settings.size)
-        masked = resample(
-            masked,
-            affine,
-            out_aff,
-            grid_shape,
-            1,
-            settings.background_hu,
-            threads,
-            dtype=masked.dtype,
-        )
-        keep = resample(fov.astype(np.int16), affine, out_aff, grid_shape, 0, 0, threads) > 0
+    masked, keep, out_aff = to_size(image.copy(), fov, affine, settings, threads)
     return MaskResult(masked, keep.astype(np.uint8), out_aff, True, "", fov_ml, None, fov)
 
 

@@ -437,17 +437,9 @@ def _sidecar(
     return {
         "case_id": case_id,
         "series_id": series_id,
-        "geometry": {
-            "shape": list(vol.shape),
-            "spacing_mm": [round(float(v), 6) for v in geometry.ras_spacing(affine)],
-            "affine": np.round(affine, 6).tolist(),
-            "orientation": "".join(nib.aff2axcodes(affine)),
-            "resampled": resampled,
-            "interpolation": {1: "linear", 3: "cubic"}[order] if resampled else "none",
-            "source_shape": list(src_shape),
-            "source_spacing_mm": [round(float(v), 6) for v in geometry.ras_spacing(src_affine)],
-            "source_affine": np.round(src_affine, 6).tolist(),
-        },
+        "geometry": geometry.sidecar_geometry(
+            vol.shape, affine, resampled, order, src_shape, src_affine
+        ),
         "acquisition": {"modality": spec.modality, "n_instances": 1, "transfer_syntax": "nifti"},
         "source": _source(img, info, path),
         "dtype": str(vol.dtype),
