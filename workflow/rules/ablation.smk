@@ -33,10 +33,13 @@ rule ablation_mask:
         seg=paths.SEG,
         masked=V(paths.MASKED),
         roi=V(paths.ROI),
+        # the same plausibility checks as the default run's mask: the same cases excluded
+        qc_settings=as_json(without(config["qc"], "reference")),
     shell:
         "radflow mask {params.image:q} {params.seg:q} {params.masked:q} "
         "--roi-out {params.roi:q} --status {output.status:q} "
         "--upstream {input.sidecar:q} --settings {params.settings:q} "
+        "--qc-settings {params.qc_settings:q} "
         "--case-id {wildcards.case:q} --threads {threads} > {log:q} 2>&1"
 
 
