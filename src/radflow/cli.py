@@ -704,7 +704,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _add_predict_config(sub: Sub) -> None:
     p = sub.add_parser("predict-config", help="the predict cohort's config from a bundle")
     p.add_argument("bundle", help="model bundle folder's model.json or the folder")
-    p.add_argument("out", help="results/predict/work/config/config.yaml")
+    p.add_argument("out", help="results/private/predict/config/config.yaml")
     p.add_argument("--config", type=_json_arg, required=True, help="project config (JSON, no salt)")
     p.add_argument("--salt", default=None, help=f"pseudonym key (default: ${SALT_ENV})")
     p.add_argument("--segment-weights", default=None, help="segmentation weights folder")
@@ -729,7 +729,7 @@ def cmd_predict_config(args: argparse.Namespace) -> int:
 def _add_predict_cohort(sub: Sub) -> None:
     p = sub.add_parser("predict-cohort", help="predict and explain a predict cohort's cases")
     p.add_argument("bundle", help="model bundle folder (results/model)")
-    p.add_argument("work", help="the predict cohort's project folder (results/predict/work)")
+    p.add_argument("work", help="the predict cohort's project folder (results/private/predict)")
     p.add_argument("out_dir", help="results/predict")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--bootstrap", type=int, default=1000, help="AUC bootstrap resamples")

@@ -65,7 +65,7 @@ PREDICT_DIR = f"{RESULTS}/predict"
 # The predict cohort's own project folder: the workflow's per-case rules (ingest to mask) run
 # there with the bundle's settings, so every template above holds under it (``under``) and the
 # training cohort's files are never touched. Its results/private/ holds its raw identifiers.
-PREDICT_WORK = f"{PREDICT_DIR}/work"
+PREDICT_WORK = f"{PRIVATE}/predict"  # its config holds the salt, its id map raw UIDs
 PREDICT_CONFIG_NAME = "config/config.yaml"  # a project folder's config (the Snakefile's)
 PREDICT_CONFIG = f"{PREDICT_WORK}/{PREDICT_CONFIG_NAME}"
 PREDICTIONS_NEW = f"{PREDICT_DIR}/predictions.csv"

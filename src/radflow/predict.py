@@ -7,7 +7,7 @@
   returns the probability, the prediction at the bundle's threshold and the Grad-CAM on the
   input's grid (``StudyPrediction``); a study that fails selection or QC raises
   ``status.CaseFailedError`` with its code and reason.
-* ``cohort_config``: the workflow config of a predict cohort (``results/predict/work/``, where
+* ``cohort_config``: the workflow config of a predict cohort (``results/private/predict/``, where
   the workflow's own per-case rules run on ``predict.raw_dir``, a DICOM tree or a NIfTI cohort
   sheet): the bundle's preprocessing, and an error naming every key where the project's config
   differs from it (``input.modality`` included).

@@ -2,7 +2,7 @@ include: "helpers/predict.smk"
 
 
 # The new cohort runs through the workflow's own per-case rules (ingest, convert, segment,
-# mask) in its own project folder, results/predict/work/, with a config made from the
+# mask) in its own project folder, results/private/predict/, with a config made from the
 # bundle's preprocessing (a config that disagrees with the bundle is an error): the same rules,
 # never a copy of them, and the training cohort's files are never touched.
 rule predict_cases:
@@ -56,7 +56,7 @@ rule predict:
         gpu=0 if config["predict"]["device"] == "cpu" else 1,
     params:
         model=lambda wc, input: os.path.dirname(input.bundle[0]),
-        # results/predict/work/results/qc/segmentation.csv -> results/predict/work
+        # results/private/predict/results/qc/segmentation.csv -> results/private/predict
         work=lambda wc, input: os.path.dirname(
             os.path.dirname(os.path.dirname(input.qc))
         ),
