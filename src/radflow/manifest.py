@@ -227,6 +227,20 @@ def config_hash(config: Mapping[str, Any] | str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def ingest_exclusions(inventory: pd.DataFrame) -> list[dict[str, str]]:
+    """excluded.csv's rows for the series ingest did not select (id = the series pseudonym)."""
+    return [
+        {
+            "id": r.series_id,
+            "subject_id": r.subject_id,
+            "stage": "ingest",
+            "reason_code": r.reason_code,
+            "reason": r.reason,
+        }
+        for r in inventory[~inventory["selected"]].itertuples()
+    ]
+
+
 def exclusion(status: Mapping[str, Any]) -> dict[str, str] | None:
     """Why a selected case stays out of the manifest (stage, code, reason), or None.
 
@@ -256,16 +270,7 @@ def build(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(cases, excluded, registry) from the inventory and each case's files under ``root``."""
     root = Path(root)
-    excluded = [
-        {
-            "id": r.series_id,
-            "subject_id": r.subject_id,
-            "stage": "ingest",
-            "reason_code": r.reason_code,
-            "reason": r.reason,
-        }
-        for r in inventory[~inventory["selected"]].itertuples()
-    ]
+    excluded = ingest_exclusions(inventory)
     rows = []
     for r in inventory[inventory["selected"]].itertuples():
         files = paths.case_files(r.case_id)

@@ -408,7 +408,7 @@ def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     import yaml
 
     from radflow.labels import LabelSpec
-    from radflow.manifest import exclusion, relabel
+    from radflow.manifest import exclusion, ingest_exclusions, relabel
 
     work = Path(work)
     inv = pd.read_parquet(work / paths.INVENTORY_PARQUET)
@@ -417,16 +417,7 @@ def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     spec = LabelSpec.from_dict(cfg["labels"])
     if spec.path:
         inv = relabel(inv, spec, work / paths.ID_MAP_PARQUET)
-    excluded = [
-        {
-            "id": r.series_id,
-            "subject_id": r.subject_id,
-            "stage": "ingest",
-            "reason_code": r.reason_code,
-            "reason": r.reason,
-        }
-        for r in inv[~inv["selected"]].itertuples()
-    ]
+    excluded = ingest_exclusions(inv)
     rows = []
     for r in inv[inv["selected"]].itertuples():
         rec = status.read(work / paths.for_case(paths.MASK_STATUS, r.case_id))
