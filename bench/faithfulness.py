@@ -32,7 +32,17 @@ import torch
 import yaml
 
 import _results
-from radflow import ablation, evaluate, explain, geometry, manifest, mask, paths, train
+from radflow import (
+    ablation,
+    evaluate,
+    explain,
+    geometry,
+    manifest,
+    mask,
+    paths,
+    plausibility,
+    train,
+)
 from radflow.demo.cohort import ORGAN_LABELS, DemoSettings, plan_cohort
 from radflow.io import save_nifti, write_json
 
@@ -58,6 +68,7 @@ def write_cohort(root: Path, demo: DemoSettings, workers: int, variant: str) -> 
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     lps = geometry.lps_to_ras(geometry.voxel_to_world(aff, ijk))  # RAS->LPS is the same flip
     msettings = mask.MaskSettings.from_dict(ablation.variant_mask_settings(variant, _mask_cfg()))
+    qc = plausibility.QcSettings.from_dict(DEMO["qc"])  # the demo's plausibility checks
     rows = []
     for subj in plan_cohort(demo):
         cid = f"case-{subj.index:012x}"
@@ -84,6 +95,7 @@ def write_cohort(root: Path, demo: DemoSettings, workers: int, variant: str) -> 
             root / files["roi"],
             root / paths.for_case(paths.MASK_STATUS, cid),
             threads=workers,
+            qc=qc,
         )
         if not rec.get("usable", False):
             print(f"{cid}: excluded by mask ({rec.get('reason')})")
