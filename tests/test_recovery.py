@@ -8,7 +8,8 @@ hostile values in config paths never reach a shell as code.
   made without provenance survives into a run with other settings);
 * a corrupt case at convert, at segment and at mask: each is excluded with its stage and
   reason, the rest of the cohort is trained on, with shell metacharacters in the raw folder,
-  the labels sheet, its label column, the weights folder and the reference templates.
+  the labels sheet, its label column, the weights folder and the reference templates (one
+  run, module-scoped, that the convert failure's own test reads too).
 """
 
 from __future__ import annotations
@@ -125,7 +126,12 @@ def test_kill_at_each_stage_then_a_plain_rerun_matches_an_uninterrupted_run(
 HOSTILE = "co'hort $(touch PWNED) `touch PWNED2`;x"
 
 
-def test_a_corrupt_case_in_each_stage_fails_alone(demo_cohort, tmp_path):
+@pytest.fixture(scope="module")
+def corrupt_run(demo_cohort, tmp_path_factory):
+    """One run of the workflow on a copy of the cohort under hostile names, with a case
+    damaged at convert (an instance truncated after indexing, as a copy job might do), one at
+    segment and one at mask: the step processes and the three victims' case ids."""
+    tmp_path = tmp_path_factory.mktemp("corrupt")
     root = tmp_path / HOSTILE
     shutil.copytree(demo_cohort, root)
     weights = tmp_path / "weights $(touch PWNED3)'"
@@ -139,20 +145,28 @@ def test_a_corrupt_case_in_each_stage_fails_alone(demo_cohort, tmp_path):
     cfg["ids"]["salt"] = "salt'$(touch PWNED4)"
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
 
-    proc = snakemake(work, "--until", "ingest")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {"ingest": snakemake(work, "--until", "ingest")}
+    assert steps["ingest"].returncode == 0, steps["ingest"].stderr[-3000:]
     lists = sorted((work / "results/private/series").glob("*.json"))
     at_convert, at_segment, at_mask = (p.stem for p in lists[:3])
     victim = Path(json.loads((lists[0]).read_text())[3])
     with open(victim, "r+b") as fh:
         fh.truncate(victim.stat().st_size // 3)
-    assert snakemake(work, "convert_all").returncode == 0
+    steps["convert"] = snakemake(work, "convert_all")
     (work / f"results/nifti/{at_segment}.nii.gz").write_bytes(b"\x1f\x8b not a volume")
-    assert snakemake(work, "segment_all").returncode == 0
+    steps["segment"] = snakemake(work, "segment_all")
     seg = work / f"results/seg/{at_mask}.nii.gz"
     seg.write_bytes(seg.read_bytes()[:200])
-    proc = snakemake(work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps["all"] = snakemake(work)
+    cases = [p.stem for p in lists]
+    return tmp_path, work, steps, cases, (at_convert, at_segment, at_mask)
+
+
+def test_a_corrupt_case_in_each_stage_fails_alone(corrupt_run):
+    tmp_path, work, steps, all_cases, victims = corrupt_run
+    for step, proc in steps.items():
+        assert proc.returncode == 0, (step, proc.stderr[-3000:])
+    at_convert, at_segment, at_mask = victims
 
     excluded = pd.read_csv(work / "manifests/excluded.csv").set_index("id")
     assert excluded.loc[at_convert, "stage"] == "convert"
@@ -160,7 +174,7 @@ def test_a_corrupt_case_in_each_stage_fails_alone(demo_cohort, tmp_path):
     assert excluded.loc[at_mask, "stage"] == "mask"
     cases = pd.read_csv(work / "manifests/cases.csv")
     assert not {at_convert, at_segment, at_mask} & set(cases["case_id"])
-    assert len(cases) >= len(lists) - 5  # the rest (an unlabelled subject aside) went on
+    assert len(cases) >= len(all_cases) - 5  # the rest (an unlabelled subject aside) went on
     assert json.loads((work / "results/eval/metrics.json").read_text())["test"]["n"] >= 1
     for name in ("PWNED", "PWNED2", "PWNED3", "PWNED4"):
         assert not list(tmp_path.rglob(name)) and not list(REPO.glob(name)), name
@@ -169,3 +183,26 @@ def test_a_corrupt_case_in_each_stage_fails_alone(demo_cohort, tmp_path):
         for p in folder.rglob("*"):
             if p.is_file():
                 assert b"PWNED4" not in p.read_bytes(), p
+
+
+def test_failing_case_does_not_stop_the_cohort(corrupt_run):
+    """A series damaged after indexing fails its conversion alone: its record says why, and
+    the manifest lists it as excluded at convert while every other case goes on."""
+    _, work, steps, all_cases, (victim_case, *_) = corrupt_run
+    assert steps["convert"].returncode == 0, steps["convert"].stderr[-3000:]
+    # every other case was converted (the segment victim's volume was damaged after that)
+    done = {p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz")}
+    assert done == set(all_cases) - {victim_case}
+    record = json.loads((work / f"results/nifti/{victim_case}.json").read_text())
+    assert record["status"] == "failed" and record["stage"] == "convert"
+    assert record["reason_code"] in ("TRUNCATED", "UNREADABLE_INSTANCE"), record
+    assert "refused [" in (work / f"logs/convert/{victim_case}.log").read_text()
+    assert not list((work / "results/nifti").glob(".*.part"))
+    status = json.loads((work / f"results/masked/{victim_case}.json").read_text())
+    assert status["status"] == "failed" and status["stage"] == "convert"
+    assert steps["all"].returncode == 0, steps["all"].stderr[-3000:]
+    excluded = pd.read_csv(work / "manifests/excluded.csv")
+    row = excluded[excluded["id"] == victim_case]
+    assert row["stage"].tolist() == ["convert"], excluded
+    cases = pd.read_csv(work / "manifests/cases.csv")
+    assert victim_case not in set(cases["case_id"]) and len(cases) >= 8

@@ -6,7 +6,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -260,6 +259,18 @@ def test_no_phi_outside_private(run, demo_cohort):
     studies = pd.read_csv(demo_cohort / "studies.csv")
     needles |= set(studies["StudyInstanceUID"])
     dates = {s.birth_date for s in plan_cohort(SMALL)}
+    # one pass of one pattern a file (the checkpoints alone are ~0.8 GB): a loop of `in` tests
+    # and a lookbehind regex per birth date took minutes; a date's digits must be present for
+    # its regex to match, so the regex runs only where a plain search found them
+    phi = re.compile("|".join(re.escape(n) for n in sorted(needles | {SALT}, key=len)[::-1]))
+
+    def check(text: str, where: object) -> None:
+        hit = phi.search(text)
+        assert hit is None, f"{hit.group()!r} found in {where}"
+        for d in dates:
+            if d in text:
+                assert not re.search(rf"(?<!\d){d}(?!\d)", text), f"birth date in {where}"
+
     scanned = 0
     # .snakemake holds every job's command line, params and input list (metadata) and the run
     # logs; report.zip is written by test_report_has_captions_and_gradcam_gallery when it ran
@@ -269,50 +280,14 @@ def test_no_phi_outside_private(run, demo_cohort):
 
             with zipfile.ZipFile(work / sub) as z:
                 text = b"".join(z.read(n) for n in z.namelist()).decode("latin-1")
-            for n in needles | {SALT}:
-                assert n not in text, f"{n!r} found in report.zip"
+            hit = phi.search(text)
+            assert hit is None, f"{hit.group()!r} found in report.zip"
             continue
         for path, text in _texts(work / sub, work / "results" / "private"):
             scanned += 1
-            for n in needles | {SALT}:
-                assert n not in text, f"{n!r} found in {path}"
-            for d in dates:
-                assert not re.search(rf"(?<!\d){d}(?!\d)", text), f"birth date in {path}"
+            check(text, path)
     assert scanned > 20
     assert "../../etc" in (work / "results/private/id_map.csv").read_text()
-
-
-def test_failing_case_does_not_stop_the_cohort(demo_cohort, tmp_path):
-    """A series damaged after indexing fails its conversion alone: its record says why, and
-    the manifest lists it as excluded at convert while every other case goes on."""
-    raw = tmp_path / "cohort"
-    shutil.copytree(demo_cohort, raw)
-    work = workdir(tmp_path / "wf", raw)
-    first = snakemake(work, "--until", "ingest")
-    assert first.returncode == 0, first.stderr[-2000:]
-    lists = sorted((work / "results/private/series").glob("*.json"))
-    victim_case = lists[0].stem
-    victim = Path(json.loads(lists[0].read_text())[5])
-    with open(victim, "r+b") as fh:  # damaged after indexing, as a copy job might do
-        fh.truncate(victim.stat().st_size // 2)
-    proc = snakemake(work, "mask_all")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    done = {p.name[: -len(".nii.gz")] for p in (work / "results/nifti").glob("*.nii.gz")}
-    assert done == {p.stem for p in lists} - {victim_case}
-    record = json.loads((work / f"results/nifti/{victim_case}.json").read_text())
-    assert record["status"] == "failed" and record["stage"] == "convert"
-    assert record["reason_code"] in ("TRUNCATED", "UNREADABLE_INSTANCE"), record
-    assert "refused [" in (work / f"logs/convert/{victim_case}.log").read_text()
-    assert not list((work / "results/nifti").glob(".*.part"))
-    status = json.loads((work / f"results/masked/{victim_case}.json").read_text())
-    assert status["status"] == "failed" and status["stage"] == "convert"
-    proc = snakemake(work, "manifests/cases.csv")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    excluded = pd.read_csv(work / "manifests/excluded.csv")
-    row = excluded[excluded["id"] == victim_case]
-    assert row["stage"].tolist() == ["convert"], excluded
-    cases = pd.read_csv(work / "manifests/cases.csv")
-    assert victim_case not in set(cases["case_id"]) and len(cases) >= 8
 
 
 def test_unknown_roi_name_stops_the_workflow_at_start(demo_cohort, tmp_path):
