@@ -175,10 +175,10 @@ def test_the_one_study_api_refuses_other_segmentation_weights(tmp_path):
 def test_predict_all_refuses_other_segmentation_weights_before_and_after_segmenting(tmp_path):
     meta = bundle.verify(real_bundle(tmp_path / "model"))
     seg = {**CONFIG["segment"], "weights_dir": str(PHANTOM)}
-    predict.check_weights(meta, seg)  # the bundle's own weights: fine
+    predict.check_segment_weights(meta, seg)  # the bundle's own weights: fine
     other = other_weights(tmp_path)
     with pytest.raises(bundle.BundleError, match=f"{other}/{FOLDER}/fold_0"):
-        predict.check_weights(meta, {**seg, "weights_dir": str(other)})
+        predict.check_segment_weights(meta, {**seg, "weights_dir": str(other)})
     # the cohort's group records (what its masks were made with), for a group per case
     groups = tmp_path / "work" / "results" / "seg" / "groups"
     groups.mkdir(parents=True)

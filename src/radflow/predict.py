@@ -6,11 +6,13 @@
   ingest's header checks), convert, segment and mask with the settings recorded in the bundle and
   returns the probability, the prediction at the bundle's threshold and the Grad-CAM on the
   input's grid (``StudyPrediction``); a study that fails selection or QC raises
-  ``status.CaseFailedError`` with its code and reason.
+  ``status.CaseFailedError`` with its code and reason. Segmentation weights other than those
+  the bundle's training masks came from (``bundle.segmenter_mismatch``) are refused at load.
 * ``cohort_config``: the workflow config of a predict cohort (``results/private/predict/``, where
   the workflow's own per-case rules run on ``predict.raw_dir``, a DICOM tree or a NIfTI cohort
   sheet): the bundle's preprocessing, and an error naming every key where the project's config
-  differs from it (``input.modality`` included).
+  differs from it (``input.modality`` included), and other segmentation weights refused
+  (``check_segment_weights``) before any study is segmented.
 * ``predict``: the cohort stage: every selected case of the predict cohort's inventory is
   predicted (a case that failed a stage is listed in ``excluded.csv`` with its reason), CAMs and
   the review page are written, and with labels ``metrics.json`` holds the external validation
@@ -116,12 +118,12 @@ def write_cohort_config(
 
     meta = bundle.verify(bundle_dir)
     cfg = cohort_config(config, meta, salt, weights_dir)
-    check_weights(meta, cfg["segment"])
+    check_segment_weights(meta, cfg["segment"])
     write_text(out, yaml.safe_dump(cfg, sort_keys=False))
     return cfg
 
 
-def check_weights(meta: Mapping[str, Any], segment: Mapping[str, Any]) -> None:
+def check_segment_weights(meta: Mapping[str, Any], segment: Mapping[str, Any]) -> None:
     """Refuse (BundleError naming the folder and the differing digest) a predict cohort whose
     segmentation weights (config section ``segment``) are not those of the bundle's training
     masks: their ``SHA256SUMS`` (checked again when the model loads), before any study is
