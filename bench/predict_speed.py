@@ -162,10 +162,13 @@ def main() -> None:
             # from scratch: the predictions and the predict cohort's project folder
             for d in (paths.PREDICT_DIR, paths.PREDICT_WORK):
                 shutil.rmtree(project / d, ignore_errors=True)
+            # a config file, not --config predict={...}: that reads the numbers as strings
+            extra = Path(tmp) / "predict.yaml"
+            pred = {"raw_dir": str(sub), "device": "cpu", "threads": args.threads}
+            extra.write_text(yaml.safe_dump({"predict": pred}))
             secs = run(
                 [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(project)]
-                + ["--cores", str(args.threads), "predict_all", "--config"]
-                + [f"predict={{'raw_dir': '{sub}', 'device': 'cpu', 'threads': {args.threads}}}"]
+                + ["--cores", str(args.threads), "predict_all", "--configfile", str(extra)]
             )
             predicted = len((project / paths.PREDICTIONS_NEW).read_text().splitlines()) - 1
         print(

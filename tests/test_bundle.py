@@ -265,3 +265,29 @@ def test_export_onnx_refuses_a_tampered_bundle(tmp_path):
     with pytest.raises(bundle.BundleError, match="tampered model bundle"):
         export_onnx(b, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _without_segmenter(backend: str, **mask) -> dict:
+    pre = bundle.preprocessing(CONFIG)
+    pre = {
+        **pre,
+        "segment": {**pre["segment"], "backend": backend},
+        "mask": {**pre["mask"], **mask},
+    }
+    seg = {"backend": backend, "settings": pre["segment"], "weights_sha256": None}
+    return {"preprocessing": pre, "segmenter": seg}
+
+
+def test_a_bundle_without_segmentation_loads_without_weights(tmp_path):
+    b = real_bundle(tmp_path / "model", **_without_segmenter("none", enabled=False))
+    assert predict.load_model(b, device="cpu").segment is None
+    # a TotalSegmentator predict cohort for it is refused
+    meta = bundle.verify(b)
+    with pytest.raises(bundle.BundleError, match="not made with segmentation weights"):
+        predict.check_segment_weights(meta, {**CONFIG["segment"], "weights_dir": str(PHANTOM)})
+
+
+def test_a_precomputed_bundle_is_refused_by_the_one_study_api(tmp_path):
+    b = real_bundle(tmp_path / "model", **_without_segmenter("precomputed"))
+    with pytest.raises(bundle.BundleError, match="precomputed"):
+        predict.load_model(b, device="cpu")
