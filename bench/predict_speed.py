@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 import _results
+from radflow import bundle, paths
+from radflow.segment import DEMO_MARKER, is_demo_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,15 +59,14 @@ def run(cmd: list[str], **kw) -> float:
 
 
 def separate(study: Path, model_dir: Path, cfg: dict, threads: int) -> dict[str, float]:
-    """One study through the per-case commands, each its own process."""
+    """One study through the per-case commands, each its own process, with the bundle's
+    settings as the one-study API reads them (``predict.stage_settings``)."""
+    from radflow.predict import stage_settings
+
     rf = str(BIN / "radflow")
-    pre = json.loads((model_dir / "model.json").read_text())["preprocessing"]
-    sel = {
-        **pre["ingest"]["selection"],
-        "max_missing_slices": pre["convert"]["max_missing_slices"],
-        "gantry_tilt": pre["convert"]["gantry_tilt"],
-    }
-    seg = {**pre["segment"], "device": "cpu", "weights_dir": cfg["segment"]["weights_dir"]}
+    meta = json.loads((model_dir / bundle.MODEL_JSON).read_text())
+    st = stage_settings(meta, "cpu", cfg["segment"]["weights_dir"])
+    mb = ["--max-image-mb", str(st["max_image_mb"])]
     env = {**os.environ, "RADFLOW_SALT": "bench-salt"}
     t: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +75,7 @@ def separate(study: Path, model_dir: Path, cfg: dict, threads: int) -> dict[str,
         shutil.copytree(study, tree)
         t["ingest"] = run(
             [rf, "ingest", str(w / "raw"), str(w / "inv"), "--private-dir", str(w / "priv")]
-            + ["--selection", json.dumps(sel), "--threads", str(threads)],
+            + ["--selection", json.dumps(st["selection"]), "--threads", str(threads), *mb],
             env=env,
         )
         lists = sorted((w / "priv" / "series").glob("*.json"))
@@ -82,19 +83,20 @@ def separate(study: Path, model_dir: Path, cfg: dict, threads: int) -> dict[str,
         img, sc = w / "nifti" / f"{case}.nii.gz", w / "nifti" / f"{case}.json"
         t["convert"] = run(
             [rf, "convert", str(lists[0]), str(img), "--sidecar", str(sc)]
-            + ["--settings", json.dumps(pre["convert"]), "--case-id", case],
+            + ["--settings", json.dumps(st["convert"]), "--case-id", case, *mb],
             env=env,
         )
         t["segment"] = run(
             [rf, "segment", str(sc), "--seg-dir", str(w / "seg"), "--record", str(w / "r.json")]
-            + ["--settings", json.dumps(seg), "--threads", str(threads)],
+            + ["--settings", json.dumps(st["segment"]), "--threads", str(threads)],
             env=env,
         )
         masked, roi = w / "m.nii.gz", w / "roi.nii.gz"
         t["mask"] = run(
             [rf, "mask", str(img), str(w / "seg" / f"{case}.nii.gz"), str(masked)]
             + ["--roi-out", str(roi), "--status", str(w / "s.json")]
-            + ["--settings", json.dumps(pre["mask"]), "--case-id", case],
+            + ["--settings", json.dumps(st["mask"]), "--case-id", case]
+            + ["--qc-settings", json.dumps(st["qc"])],
             env=env,
         )
         t["model+cam"] = run(
@@ -128,7 +130,7 @@ def main() -> None:
     )
     raw = Path(args.raw or project / cfg["raw_dir"]).resolve()
     studies = sorted(p for p in raw.glob("*/*") if p.is_dir())
-    model_dir = project / "results" / "model"
+    model_dir = project / paths.MODEL_DIR
 
     from radflow import load_model
 
@@ -154,16 +156,31 @@ def main() -> None:
             sub = Path(tmp) / "raw"
             for s in studies[: args.studies]:
                 shutil.copytree(s, sub / s.parent.name / s.name)
+            if is_demo_cohort(raw):  # the demo's studies: the phantom weights may segment them
+                shutil.copy(raw.parent / DEMO_MARKER, sub.parent / DEMO_MARKER)
             n = len(studies[: args.studies])
-            target = str(project / "results" / "predict")
-            shutil.rmtree(target, ignore_errors=True)
+            # from scratch: the predictions and the predict cohort's project folder
+            for d in (paths.PREDICT_DIR, paths.PREDICT_WORK):
+                shutil.rmtree(project / d, ignore_errors=True)
+            # a config file, not --config predict={...}: that reads the numbers as strings
+            extra = Path(tmp) / "predict.yaml"
+            pred = {"raw_dir": str(sub), "device": "cpu", "threads": args.threads}
+            extra.write_text(yaml.safe_dump({"predict": pred}))
             secs = run(
                 [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(project)]
-                + ["--cores", str(args.threads), "predict_all", "--config"]
-                + [f"predict={{'raw_dir': '{sub}', 'device': 'cpu', 'threads': {args.threads}}}"]
+                + ["--cores", str(args.threads), "predict_all", "--configfile", str(extra)]
             )
-        print(f"predict_all over {n} studies: {secs:.1f} s, {secs / n:.2f} s per study")
-        result["predict_all"] = {"studies": n, "seconds": secs, "per_study_s": secs / n}
+            predicted = len((project / paths.PREDICTIONS_NEW).read_text().splitlines()) - 1
+        print(
+            f"predict_all over {n} studies ({predicted} predicted): {secs:.1f} s, "
+            f"{secs / n:.2f} s per study"
+        )
+        result["predict_all"] = {
+            "studies": n,
+            "predicted": predicted,
+            "seconds": secs,
+            "per_study_s": secs / n,
+        }
     print(json.dumps(result))
     _results.finish()
 

@@ -241,3 +241,25 @@ def test_faithfulness_bench_runs_end_to_end(tmp_path):
     masked = nib.load(next((tmp_path / "masked/results/masked").glob("case-*_roi.nii.gz")))
     full = nib.load(next((tmp_path / "fullfov/results/masked").glob("case-*_roi.nii.gz")))
     assert np.asanyarray(full.dataobj).mean() < np.asanyarray(masked.dataobj).mean()
+
+
+def test_predict_speed_bench_runs_every_mode(workflow_run, demo_cohort, tmp_path):
+    """The predict bench on two studies (warm API, separate processes, predict_all), on a copy
+    of the tests' demo project (it replaces results/predict)."""
+    import shutil
+
+    work, proc, _ = workflow_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    project = tmp_path / "project"
+    shutil.copytree(work, project, symlinks=True)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "predict_speed.py"), "--project", str(project)]
+        + ["--raw", str(demo_cohort / "raw"), "--studies", "2", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert re.search(r"speed-up of the warm API: [\d.]+x", out.stdout), out.stdout
+    n = re.search(r"predict_all over 2 studies \((\d+) predicted\)", out.stdout)
+    assert n and int(n.group(1)) >= 1, out.stdout

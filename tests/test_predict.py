@@ -215,6 +215,51 @@ def test_the_bundle_records_what_inference_needs(trained):
     assert meta["training_manifest_sha256"] == bundle.sha256_file(trained / paths.CASES_PARQUET)
     assert meta["input_grid"]["shape"] == [32, 32, 32]
     assert "Intended use" in (trained / paths.MODEL_DIR / "MODEL_CARD.md").read_text()
+    # the segmenter: the weights sha256 its training masks came from, as the groups recorded it
+    from radflow.segment import SegmentSettings, declared_digests
+
+    seg = meta["segmenter"]
+    assert (
+        seg["backend"] == "totalsegmentator" and seg["settings"] == meta["preprocessing"]["segment"]
+    )
+    records = [
+        json.loads(p.read_text()) for p in (trained / "results" / "seg" / "groups").glob("*.json")
+    ]
+    assert records and all(r["weights_sha256"] == seg["weights_sha256"] for r in records)
+    weights = REPO / "resources" / "totalseg_phantom"
+    phantom = SegmentSettings.from_dict(
+        {**meta["preprocessing"]["segment"], "device": "cpu", "weights_dir": str(weights)}
+    )
+    assert seg["weights_sha256"] == declared_digests(phantom)
+
+
+def test_onnx_export_of_the_trained_bundle_gives_evaluate_s_probabilities(trained, tmp_path):
+    """onnxruntime on the real masked test cases gives evaluate's (torch's) probabilities."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from radflow import inputs
+    from radflow.export import read_metadata
+
+    out = tmp_path / "model.onnx"
+    run = subprocess.run(
+        [f"{BIN}/radflow", "export-onnx", paths.MODEL_DIR, str(out)],
+        capture_output=True, text=True, cwd=trained,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    meta = bundle.verify(trained / paths.MODEL_DIR)
+    assert read_metadata(out)["radflow_model_json_sha256"] == meta["model_json_sha256"]
+    old = pd.read_csv(trained / paths.PREDICTIONS)
+    spec = inputs.InputSpec.from_checkpoint(meta["inputs"])
+    x = np.stack(
+        [inputs.read_case(paths.case_files(c), spec.channels, trained) for c in old["case_id"]]
+    )
+    x = spec.network_input(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    _, prob = sess.run(None, {"input": x})
+    assert len(prob) == len(old) >= 2
+    assert np.abs(prob - old["probability"].to_numpy()).max() < 1e-4
 
 
 def test_predict_all_gives_evaluate_s_probabilities(predicted):

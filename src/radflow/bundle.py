@@ -11,8 +11,12 @@
 
 ``verify`` refuses, with one line saying why, a bundle that is missing, corrupt, tampered with
 (a file that does not match its recorded sha256) or of another ``BUNDLE_FORMAT``.
-``preprocessing(config)`` is the one reading of which config keys shape the model's input: the
-bundle records it, and predict compares a config against it (``conflicts``).
+``segmenter`` records which segmentation the training masks came from (backend settings and,
+for TotalSegmentator, the sha256 of its weights as the segment groups recorded them);
+``segmenter_mismatch`` says why other weights are not those, so predict refuses to run a model
+on another segmenter's masks. ``preprocessing(config)`` is the one reading of which config keys
+shape the model's input: the bundle records it, and predict compares a config against it
+(``conflicts``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,9 @@ import radflow
 from radflow.io import sha256_file, write_json, write_text
 from radflow.source import InputSpec
 
-BUNDLE_FORMAT = 1  # bumped whenever a reader of format N could misread a newer bundle
+# bumped whenever a reader of format N could misread a newer bundle (2: ``segmenter``, the
+# segmentation weights' sha256, which a reader of format 1 would not check)
+BUNDLE_FORMAT = 2
 WEIGHTS = "weights.pt"
 MODEL_JSON = "model.json"
 MODEL_CARD = "MODEL_CARD.md"
@@ -101,6 +107,94 @@ def conflicts(config: Mapping[str, Any], recorded: Mapping[str, Any]) -> list[st
     ]
 
 
+# --------------------------------------------------------------------------- segmenter
+
+
+def segmenter(
+    segment_settings: Mapping[str, Any],
+    records: Sequence[str | os.PathLike],
+    case_ids: Iterable[str],
+) -> dict[str, Any]:
+    """The identity of the segmentation the training masks (of ``case_ids``) came from: the
+    backend's settings (preprocessing's ``segment``) and, for TotalSegmentator, the sha256 of
+    every weights file per model folder as the segment group ``records`` covering those cases
+    recorded it (``weights_sha256``: read, never hashed again). Precomputed masks and backend
+    none record ``weights_sha256`` None. Masks from more than one set of weights are refused."""
+    settings = dict(segment_settings)
+    backend = settings.get("backend")
+    out: dict[str, Any] = {"backend": backend, "settings": settings, "weights_sha256": None}
+    if backend != "totalsegmentator":
+        return out
+    wanted = set(case_ids)
+    seen: dict[str, list[str]] = {}  # the digests (canonical JSON) -> the groups that used them
+    for path in records:
+        rec = json.loads(Path(path).read_text())
+        if wanted & set(rec.get("cases") or {}):
+            key = json.dumps(rec.get("weights_sha256") or {}, sort_keys=True)
+            seen.setdefault(key, []).append(Path(path).stem)
+    if not seen:
+        raise BundleError(
+            "no segmentation group record (results/seg/groups) covers the training cases: "
+            "the segmentation weights their masks came from are unknown"
+        )
+    if len(seen) > 1:
+        groups = "; ".join(", ".join(sorted(g)[:3]) for g in seen.values())
+        raise BundleError(
+            f"the training masks came from {len(seen)} different sets of segmentation weights "
+            f"(groups {groups}): resegment with one (snakemake --forcerun segment_all)"
+        )
+    digests = json.loads(next(iter(seen)))
+    if not digests:
+        raise BundleError(
+            "the segmentation group records of the training cases hold no weights sha256: "
+            "resegment them with this radflow (snakemake --forcerun segment_all)"
+        )
+    out["weights_sha256"] = digests
+    return out
+
+
+def segmenter_mismatch(
+    recorded: Mapping[str, Any] | None,
+    used: Mapping[str, Mapping[str, str]] | None,
+    where: str,
+) -> str:
+    """Why the segmentation weights ``used`` (per model folder, file -> sha256, as
+    ``segment.declared_digests`` or a group record gives them; empty or None: no weights, the
+    precomputed or none backend) in folder ``where`` are not those the bundle's masks came
+    from (``recorded``: model.json's ``segmenter``), in one line; "" when they are."""
+    if recorded is None:
+        return "the model bundle records no segmenter (segmentation weights): re-export it"
+    want = recorded.get("weights_sha256") or {}
+    used = used or {}
+    backend = recorded.get("backend")
+    if not want:
+        if used:
+            return (
+                f"the model's training masks were not made with segmentation weights (segment."
+                f"backend {backend}), but predict segments with the weights in {where}"
+            )
+        return ""
+    if not used:
+        return (
+            f"the model's training masks came from TotalSegmentator weights "
+            f"({', '.join(sorted(want))}), but predict makes its masks without them"
+        )
+    lead = "segmentation weights differ from the bundle's (a model runs on its segmenter's masks)"
+    for folder in sorted(set(want) | set(used)):
+        mine, theirs = used.get(folder), want.get(folder)
+        if theirs is None:
+            return f"{lead}: {where}/{folder} is not a model folder the training masks came from"
+        if mine is None:
+            return f"{lead}: {where} has no {folder}, which the training masks came from"
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name):
+                return (
+                    f"{lead}: {where}/{folder}/{name} has sha256 {mine.get(name) or '(no file)'}"
+                    f", the bundle's {theirs.get(name) or '(no file)'}"
+                )
+    return ""
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -142,8 +236,12 @@ def bundle(
     explain_settings: Mapping[str, Any],
     faithfulness: str | os.PathLike | None = None,
     segment_weights_dir: str | None = None,
+    segment_records: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Write the bundle of a trained, evaluated model; returns its ``model.json`` content.
+
+    ``segment_records``: the segment group records (``results/seg/groups/*.json``) of the
+    training cases, whose weights digests become the bundle's ``segmenter`` (``segmenter``).
 
     ``model.json`` is written last: it holds the other files' hashes, so a bundle whose
     writing was interrupted is refused by ``verify`` rather than half-trusted.
@@ -162,6 +260,7 @@ def bundle(
     m = json.loads(Path(metrics).read_text())
     cases = manifest.read(manifest_path)
     hashes = cases["config_hash"].unique().tolist()
+    seg = segmenter(preprocessing_settings["segment"], segment_records, cases["case_id"])
     faith = None
     if faithfulness is not None and Path(faithfulness).exists():
         f = json.loads(Path(faithfulness).read_text())
@@ -181,6 +280,7 @@ def bundle(
         "input_grid": _grid(cases),
         "preprocessing": dict(preprocessing_settings),
         "segment_weights_dir": segment_weights_dir,
+        "segmenter": seg,
         "explain": dict(explain_settings),
         "threshold": float(m["threshold"]),
         "threshold_source": m.get("threshold_source", "validation split (Youden's J)"),
@@ -199,6 +299,17 @@ def bundle(
 
 def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
+
+
+def _weights(seg: Mapping[str, Any]) -> str:
+    """The segmentation weights of the card: model folders and a short digest of each file."""
+    digests = seg.get("weights_sha256")
+    if not digests:
+        return "none (masks not made by radflow's segmentation)"
+    return "; ".join(
+        f"`{folder}` ({', '.join(f'{n} {d[:12]}' for n, d in sorted(files.items()))})"
+        for folder, files in sorted(digests.items())
+    )
 
 
 def model_card(meta: Mapping[str, Any]) -> str:
@@ -229,7 +340,8 @@ exactly as recorded in `model.json` (`preprocessing`).
   `{meta["inputs"]["intensity_rule"]}` window {meta["inputs"]["hu_window"]} HU, grid
   {meta["input_grid"]["shape"]} at {meta["input_grid"]["median_spacing_mm"]} mm; ROI
   {pre["mask"].get("rois")}, convert spacing {pre["convert"].get("spacing_mm")} mm,
-  segmentation {pre["segment"].get("backend")} task {pre["segment"].get("task")}
+  segmentation {pre["segment"].get("backend")} task {pre["segment"].get("task")}, weights
+  {_weights(meta["segmenter"])}
 
 ## Metrics (held-out test split)
 - AUC {_fmt(test.get("auc"))} (95% bootstrap CI {_fmt(ci[0])}-{_fmt(ci[1])}), n = {test.get("n")}

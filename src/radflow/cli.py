@@ -640,6 +640,12 @@ def _add_bundle(sub: Sub) -> None:
     b.add_argument("--explain", type=_json_arg, default={}, help="explain settings as JSON")
     b.add_argument("--faithfulness", default=None, help="results/explain/faithfulness.json")
     b.add_argument("--segment-weights", default=None, help="segmentation weights folder used")
+    b.add_argument(
+        "--segment-records",
+        nargs="*",
+        default=[],
+        help="segment group records of the training cases (results/seg/groups/*.json)",
+    )
     b.set_defaults(func=cmd_bundle)
 
 
@@ -656,6 +662,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         args.explain,
         args.faithfulness,
         args.segment_weights,
+        args.segment_records,
     )
     thr = meta["threshold"]
     print(f"model bundle written to {args.out_dir}: {meta['architecture']}, threshold {thr:.3f}")
@@ -747,6 +754,25 @@ def cmd_predict_cohort(args: argparse.Namespace) -> int:
     ev = r["external_validation"]
     auc = "n/a (no labels)" if ev is None else f"{ev['auc']:.3f}"
     print(f"{r['n_cases']} cases predicted, {r['n_excluded']} excluded; AUC {auc}")
+    return 0
+
+
+@command
+def _add_export_onnx(sub: Sub) -> None:
+    p = sub.add_parser(
+        "export-onnx", help="a model bundle's network as ONNX, for serving (radflow[onnx])"
+    )
+    p.add_argument("bundle", help="model bundle folder (results/model)")
+    p.add_argument("out", help="the ONNX file to write (e.g. model.onnx)")
+    p.set_defaults(func=cmd_export_onnx)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export a verified bundle's network to ONNX, its model.json hash in the metadata."""
+    from radflow.export import export_onnx
+
+    info = export_onnx(args.bundle, args.out)
+    print(f"ONNX model written to {args.out} (bundle {info['radflow_model_json_sha256'][:12]})")
     return 0
 
 

@@ -6,11 +6,13 @@
   ingest's header checks), convert, segment and mask with the settings recorded in the bundle and
   returns the probability, the prediction at the bundle's threshold and the Grad-CAM on the
   input's grid (``StudyPrediction``); a study that fails selection or QC raises
-  ``status.CaseFailedError`` with its code and reason.
+  ``status.CaseFailedError`` with its code and reason. Segmentation weights other than those
+  the bundle's training masks came from (``bundle.segmenter_mismatch``) are refused at load.
 * ``cohort_config``: the workflow config of a predict cohort (``results/private/predict/``, where
   the workflow's own per-case rules run on ``predict.raw_dir``, a DICOM tree or a NIfTI cohort
   sheet): the bundle's preprocessing, and an error naming every key where the project's config
-  differs from it (``input.modality`` included).
+  differs from it (``input.modality`` included), and other segmentation weights refused
+  (``check_segment_weights``) before any study is segmented.
 * ``predict``: the cohort stage: every selected case of the predict cohort's inventory is
   predicted (a case that failed a stage is listed in ``excluded.csv`` with its reason), CAMs and
   the review page are written, and with labels ``metrics.json`` holds the external validation
@@ -27,7 +29,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,9 +116,48 @@ def write_cohort_config(
 
     from radflow.io import write_text
 
-    cfg = cohort_config(config, bundle.verify(bundle_dir), salt, weights_dir)
+    meta = bundle.verify(bundle_dir)
+    cfg = cohort_config(config, meta, salt, weights_dir)
+    check_segment_weights(meta, cfg["segment"])
     write_text(out, yaml.safe_dump(cfg, sort_keys=False))
     return cfg
+
+
+def check_segment_weights(meta: Mapping[str, Any], segment: Mapping[str, Any]) -> None:
+    """Refuse (BundleError naming the folder and the differing digest) a predict cohort whose
+    segmentation weights (config section ``segment``) are not those of the bundle's training
+    masks: their ``SHA256SUMS`` (checked again when the model loads), before any study is
+    segmented."""
+    from dataclasses import fields
+
+    from radflow.segment import SegmentSettings, declared_digests
+
+    used = None
+    if segment["backend"] == "totalsegmentator":
+        names = {f.name for f in fields(SegmentSettings)}
+        used = declared_digests(
+            SegmentSettings.from_dict({k: v for k, v in segment.items() if k in names})
+        )
+    why = bundle.segmenter_mismatch(meta.get("segmenter"), used, str(segment["weights_dir"]))
+    if why:
+        raise bundle.BundleError(why)
+
+
+def check_cohort_segmenter(
+    meta: Mapping[str, Any], work: str | os.PathLike, case_ids: Sequence[str], batches: int
+) -> None:
+    """Refuse predictions on masks from other segmentation weights than the bundle's: the
+    digests each segment group of the predicted cases recorded (no weights hashed again)."""
+    from radflow.segment import group_of
+
+    for g in sorted({group_of(c, batches) for c in case_ids}):
+        path = Path(work) / paths.SEG_GROUP.format(group=g)
+        # no record: segment.backend none made no masks (and used no weights)
+        rec = json.loads(path.read_text()) if path.is_file() else {}
+        where = str((rec.get("settings") or {}).get("weights_dir", ""))
+        why = bundle.segmenter_mismatch(meta.get("segmenter"), rec.get("weights_sha256"), where)
+        if why:
+            raise bundle.BundleError(why)
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,6 +165,34 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) else v
     return out
+
+
+def stage_settings(
+    meta: Mapping[str, Any], device: str = "auto", weights_dir: str | None = None
+) -> dict[str, Any]:
+    """A bundle's preprocessing as each stage takes it (``from_dict`` or a CLI's JSON
+    ``--settings``): ``selection`` (ingest's rules with convert's series checks),
+    ``max_image_mb``, ``convert``, ``segment`` (its runtime keys set: ``device``, and
+    ``weights_dir``, by default the bundle's), ``mask`` and ``qc`` (plausibility; {} gives the
+    defaults a bundle that did not record it was made with). The one reading of a bundle's
+    settings, for ``Predictor`` and bench/predict_speed.py."""
+    pre = meta["preprocessing"]
+    # (bundles written before allow_phantom was a runtime key recorded it)
+    seg = {k: v for k, v in pre["segment"].items() if k not in bundle.RUNTIME_KEYS["segment"]}
+    seg["device"] = device
+    seg["weights_dir"] = weights_dir or meta.get("segment_weights_dir") or ""
+    return {
+        "selection": {
+            **pre["ingest"]["selection"],
+            "max_missing_slices": pre["convert"]["max_missing_slices"],
+            "gantry_tilt": pre["convert"]["gantry_tilt"],
+        },
+        "max_image_mb": float(pre["ingest"]["max_image_mb"]),
+        "convert": dict(pre["convert"]),
+        "segment": seg,
+        "mask": dict(pre["mask"]),
+        "qc": dict(pre.get("qc") or {}),
+    }
 
 
 # --------------------------------------------------------------------------- one study
@@ -184,7 +253,7 @@ class Predictor:
         from radflow.mask import MaskSettings
         from radflow.model import resolve_device
         from radflow.plausibility import QcSettings
-        from radflow.segment import SegmentSettings
+        from radflow.segment import SegmentSettings, declared_digests
 
         torch.set_num_threads(threads)
         self.threads = threads
@@ -192,26 +261,31 @@ class Predictor:
         self.model, self.ck, self.meta = bundle.load(bundle_dir, self.device)
         self.spec = inputs.InputSpec.from_checkpoint(self.ck)
         self.threshold = float(self.meta["threshold"])
-        pre = self.meta["preprocessing"]
-        self.max_image_mb = float(pre["ingest"]["max_image_mb"])
-        self.rules = SelectionRules.from_dict(
-            {
-                **pre["ingest"]["selection"],
-                "max_missing_slices": pre["convert"]["max_missing_slices"],
-                "gantry_tilt": pre["convert"]["gantry_tilt"],
-            }
+        st = stage_settings(self.meta, device, weights_dir)
+        self.max_image_mb = st["max_image_mb"]
+        self.rules = SelectionRules.from_dict(st["selection"])
+        self.convert = ConvertSettings.from_dict(st["convert"])
+        backend = st["segment"]["backend"]
+        if backend == "precomputed":
+            raise bundle.BundleError(
+                "the bundle's training masks were precomputed (segment.backend precomputed): "
+                "a study's mask cannot be made for it here; use snakemake predict_all with a "
+                "sheet that gives each volume's mask"
+            )
+        # backend none: no segmentation, the whole volume is the input (mask.enabled false)
+        self.segment = SegmentSettings.from_dict(st["segment"]) if backend != "none" else None
+        why = bundle.segmenter_mismatch(
+            self.meta.get("segmenter"),
+            declared_digests(self.segment) if self.segment else None,
+            self.segment.weights_dir if self.segment else "",
         )
-        self.convert = ConvertSettings.from_dict(pre["convert"])
-        # (bundles written before allow_phantom was a runtime key recorded it)
-        seg = {k: v for k, v in pre["segment"].items() if k not in bundle.RUNTIME_KEYS["segment"]}
-        seg["device"] = device
-        seg["weights_dir"] = weights_dir or self.meta.get("segment_weights_dir") or ""
-        self.segment = SegmentSettings.from_dict(seg)
-        self.mask = MaskSettings.from_dict(pre["mask"])
+        if why:
+            raise bundle.BundleError(why)
+        self.mask = MaskSettings.from_dict(st["mask"])
         # the training cohort's plausibility QC (defaults for bundles that did not record it)
-        self.qc = QcSettings.from_dict(pre.get("qc"))
+        self.qc = QcSettings.from_dict(st["qc"])
         # a NIfTI volume's intensities are read as the training cohort's were (CT: HU)
-        modality = bundle.recorded_preprocessing(pre)["input"]["modality"]
+        modality = bundle.recorded_preprocessing(self.meta["preprocessing"])["input"]["modality"]
         self.volume_spec = InputSpec(format="nifti", modality=modality, volume_index=volume_index)
         self.explain = ExplainSettings.from_dict({**self.meta["explain"], "device": device})
 
@@ -315,8 +389,10 @@ class Predictor:
             rec = status.failure("convert", exc)
             raise status.CaseFailedError(rec["reason_code"], rec["reason"]) from None
         lap("convert")
-        seg = work / "seg.nii.gz"
-        segment_image(image, seg, self.segment, work / "seg.json", threads=self.threads)
+        seg: Path | None = None
+        if self.segment is not None:
+            seg = work / "seg.nii.gz"
+            segment_image(image, seg, self.segment, work / "seg.json", threads=self.threads)
         lap("segment")
         masked, roi = work / "masked.nii.gz", work / "roi.nii.gz"
         rec = mask(
@@ -399,21 +475,26 @@ def predict_study(
 # --------------------------------------------------------------------------- a cohort
 
 
+def _cohort_cfg(work: str | os.PathLike) -> dict[str, Any]:
+    """The config of a predict cohort's project folder (``write_cohort_config``)."""
+    import yaml
+
+    return yaml.safe_load((Path(work) / paths.PREDICT_CONFIG_NAME).read_text())
+
+
 def cohort_cases(work: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(cases to predict, excluded) of a predict cohort's project folder after mask_all.
 
     Cases carry the manifest's file columns (relative to ``work``) and the label (NaN when the
     sheet has none); excluded rows say at which stage and why, as manifests/excluded.csv does.
     """
-    import yaml
-
     from radflow.labels import LabelSpec
     from radflow.manifest import exclusion, ingest_exclusions, relabel
 
     work = Path(work)
     inv = pd.read_parquet(work / paths.INVENTORY_PARQUET)
     # labels join through the private id map, as in the manifest (never at ingest)
-    cfg = yaml.safe_load((work / paths.PREDICT_CONFIG_NAME).read_text())
+    cfg = _cohort_cfg(work)
     spec = LabelSpec.from_dict(cfg["labels"])
     if spec.path:
         inv = relabel(inv, spec, work / paths.ID_MAP_PARQUET)
@@ -465,6 +546,8 @@ def predict(
     net, ck, meta = bundle.load(bundle_dir, dev)
     thr = float(meta["threshold"])
     cases, excluded = cohort_cases(work)
+    batches = _cohort_cfg(work)["segment"]["batches"] or 0
+    check_cohort_segmenter(meta, work, list(cases["case_id"]), int(batches))
     cache_rows = cases.assign(label=cases["label"].fillna(0).astype(int))
     cache = inputs.Cache(cache_rows, work, inputs.InputSpec.from_checkpoint(ck), dev)
     cases["probability"] = model.predict(net, cache, 4, dev.type == "cuda")

@@ -37,8 +37,10 @@ from radflow import paths, status
 from radflow.ids import case_keys_reader, fill_template
 from radflow.io import save_nifti, sha256_file, write_json
 from radflow.nnunet_patches import (
+    SUMS_FILE,
     UntrustedWeightsError,
     bounded_torch_threads,
+    read_sums,
     reuse_loaded_models,
     use_sequential_prediction,
     verify_model_folder,
@@ -401,6 +403,21 @@ def model_digests(settings: SegmentSettings) -> dict[str, dict[str, str]]:
         rel.as_posix(): verify_model_folder(root / rel, root)
         for _, rel in required_models(settings)
     }
+
+
+def declared_digests(settings: SegmentSettings) -> dict[str, dict[str, str]]:
+    """The identity of the weights a task loads, without hashing them where a folder declares it:
+    per model folder, its ``SHA256SUMS`` (every file is checked against it when the model
+    loads, so a folder that passes holds exactly these digests), else ``model_digests``'s
+    hashes. Same shape as ``model_digests`` and a group record's ``weights_sha256``."""
+    root = check_weights(settings)
+    out = {}
+    for _, rel in required_models(settings):
+        sums = root / rel / SUMS_FILE
+        out[rel.as_posix()] = (
+            read_sums(sums) if sums.is_file() else verify_model_folder(root / rel, root)
+        )
+    return out
 
 
 def _kept(out: Path, names: Path, digest: str, settings: dict[str, Any]) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ rule model:
         metrics=paths.METRICS,
         manifest=paths.CASES_PARQUET,
         explain=paths.EXPLAIN_DIR,
+        seg_groups=bundle_seg_groups(),
     output:
         paths.BUNDLE_FILES,
     log:
@@ -29,4 +30,5 @@ rule model:
         "radflow bundle {input.checkpoint:q} {input.metrics:q} {input.manifest:q} "
         "{params.out:q} --preprocessing {params.preprocessing:q} "
         "--explain {params.explain:q} --faithfulness {input.explain:q}/faithfulness.json "
-        "--segment-weights {params.weights:q} > {log:q} 2>&1"
+        "--segment-weights {params.weights:q} --segment-records {input.seg_groups:q} "
+        "> {log:q} 2>&1"
