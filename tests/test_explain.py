@@ -216,7 +216,7 @@ def test_randomised_model_cam_differs_from_a_trained_one():
 
 
 def test_summary_counts_only_true_positives_with_lesions():
-    def info(group, hit, mass):
+    def info(group, hit, mass, in_roi=0.9):
         return {
             "case_id": f"case-{group}",
             "split": "test",
@@ -225,6 +225,8 @@ def test_summary_counts_only_true_positives_with_lesions():
             "pointing_hit": hit,
             "mass_in_lesion": mass,
             "lesion_fraction_of_roi": 0.05,
+            "mass_in_roi": in_roi,
+            "roi_fraction_of_volume": 0.3,
             "randomised_model": {"pearson": 0.1},
             "method": "gradcam",
             "methods": {
@@ -241,7 +243,7 @@ def test_summary_counts_only_true_positives_with_lesions():
     s = explain.summarise(
         [
             info("TP", True, 0.6),
-            info("TP", False, 0.1),
+            info("TP", False, 0.1, in_roi=0.006),  # a map on the crop's border, not the organ
             info("FP", None, None),
             info("TN", None, None),
         ]
@@ -257,6 +259,9 @@ def test_summary_counts_only_true_positives_with_lesions():
     assert lc["deletion_auc"]["all_cases"]["mean"] == pytest.approx(0.6)
     assert s["deletion_auc"]["true_positives"]["mean"] == pytest.approx(0.2)
     assert s["random_deletion_auc"]["all_cases"]["mean"] is None  # no curves computed
+    assert s["cam_mass_in_roi"]["true_positives"]["mean"] == pytest.approx((0.9 + 0.006) / 2)
+    assert s["cam_mass_in_roi"]["all_cases"]["min"] == pytest.approx(0.006)
+    assert s["cam_mass_in_roi_over_chance"]["true_positives"]["min"] == pytest.approx(0.02)
 
 
 def test_read_prediction_takes_threshold_from_metrics(tmp_path):

@@ -317,6 +317,7 @@ def explain_case(
         "raw_max": float(raw.max()),
         "raw_mean_in_roi": float(raw[roi].mean()) if roi.any() else float("nan"),
         "mass_in_roi": faithfulness.mass_inside(raw, roi),
+        "roi_fraction_of_volume": float(roi.mean()),
         "randomised_model": correlation(cam, rand_cam),
         "checkpoint_epoch": int(ck["epoch"]),
         "hu_window": list(spec.hu_window),
@@ -565,12 +566,26 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
     rand = [i["randomised_model"]["pearson"] for i in infos]
     rand = [r for r in rand if not np.isnan(r)]
     top = methods.get(main) or method_summary([], "", hit_target)
+    # does the model look at the organ at all? The main map's mass inside the ROI, against the
+    # ROI's share of the input (what a map spread evenly over the volume would get)
+    in_roi = {
+        group: [(i.get("mass_in_roi"), i.get("roi_fraction_of_volume")) for i in cases]
+        for group, cases in (
+            ("true_positives", [i for i in infos if i.get("group") == "TP"]),
+            ("all_cases", infos),
+        )
+    }
+    in_roi = {g: [(m, f) for m, f in v if m is not None and f] for g, v in in_roi.items()}
     return {
         "n_cases": len(infos),
         "n_true_positives_with_lesion": len(tps),
         "method": main,
         **top,
         "lesion_fraction_of_roi": _stats(chance),
+        "cam_mass_in_roi": {g: _stats([m for m, _ in v]) for g, v in in_roi.items()},
+        "cam_mass_in_roi_over_chance": {
+            g: _stats([m / f for m, f in v]) for g, v in in_roi.items()
+        },
         "randomised_model_correlation": {
             "pearson": _stats(rand),
             "note": "CAM of the trained model vs the same architecture re-initialised at random; "
