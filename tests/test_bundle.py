@@ -14,7 +14,7 @@ import yaml
 
 from radflow import bundle, predict
 from radflow.nnunet_patches import UntrustedWeightsError, verify_model_folder, write_sha256sums
-from radflow.segment import SegmentSettings, declared_digests, model_digests
+from radflow.segment import SegmentSettings, model_digests
 from tests.conftest import REPO
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -68,7 +68,9 @@ def test_training_masks_from_two_sets_of_weights_are_refused(tmp_path):
     records = [
         group_record(tmp_path / "0.json", ["case-a"], mine),
         group_record(
-            tmp_path / "1.json", ["case-b"], declared_digests(seg_settings(other_weights(tmp_path)))
+            tmp_path / "1.json",
+            ["case-b"],
+            model_digests(seg_settings(other_weights(tmp_path)), declared=True),
         ),
     ]
     with pytest.raises(bundle.BundleError, match="2 different sets of segmentation weights"):
@@ -92,7 +94,7 @@ def test_precomputed_masks_record_no_weights_and_refuse_weights_at_predict():
 
 def test_declared_digests_are_the_hashed_ones_without_hashing():
     s = seg_settings(PHANTOM)
-    assert declared_digests(s) == model_digests(s)
+    assert model_digests(s, declared=True) == model_digests(s)
 
 
 def test_other_segmentation_weights_are_refused_naming_folder_and_digest(tmp_path):
@@ -100,9 +102,14 @@ def test_other_segmentation_weights_are_refused_naming_folder_and_digest(tmp_pat
         "backend": "totalsegmentator",
         "weights_sha256": model_digests(seg_settings(PHANTOM)),
     }
-    assert bundle.segmenter_mismatch(recorded, declared_digests(seg_settings(PHANTOM)), "w") == ""
+    assert (
+        bundle.segmenter_mismatch(
+            recorded, model_digests(seg_settings(PHANTOM), declared=True), "w"
+        )
+        == ""
+    )
     other = other_weights(tmp_path)
-    used = declared_digests(seg_settings(other))
+    used = model_digests(seg_settings(other), declared=True)
     new = used[FOLDER]["fold_0/checkpoint_final.pth"]
     why = bundle.segmenter_mismatch(recorded, used, str(other))
     assert why.startswith("segmentation weights differ from the bundle's")
@@ -114,7 +121,10 @@ def test_other_segmentation_weights_are_refused_naming_folder_and_digest(tmp_pat
     shutil.copytree(PHANTOM, stale)
     ck = stale / FOLDER / "fold_0" / "checkpoint_final.pth"
     ck.write_bytes(ck.read_bytes() + b"\0")
-    assert bundle.segmenter_mismatch(recorded, declared_digests(seg_settings(stale)), "s") == ""
+    assert (
+        bundle.segmenter_mismatch(recorded, model_digests(seg_settings(stale), declared=True), "s")
+        == ""
+    )
     with pytest.raises(UntrustedWeightsError, match="SHA256SUMS mismatch"):
         verify_model_folder(stale / FOLDER, stale)
 
@@ -185,7 +195,7 @@ def test_predict_all_refuses_other_segmentation_weights_before_and_after_segment
     for case, w in (("case-0a", PHANTOM), ("case-0b", other)):
         rec = {
             "settings": {"weights_dir": str(w)},
-            "weights_sha256": declared_digests(seg_settings(w)),
+            "weights_sha256": model_digests(seg_settings(w), declared=True),
         }
         (groups / f"{case}.json").write_text(json.dumps(rec))
     predict.check_cohort_segmenter(meta, tmp_path / "work", ["case-0a"], 0)

@@ -216,7 +216,7 @@ def test_the_bundle_records_what_inference_needs(trained):
     assert meta["input_grid"]["shape"] == [32, 32, 32]
     assert "Intended use" in (trained / paths.MODEL_DIR / "MODEL_CARD.md").read_text()
     # the segmenter: the weights sha256 its training masks came from, as the groups recorded it
-    from radflow.segment import SegmentSettings, declared_digests
+    from radflow.segment import SegmentSettings, model_digests
 
     seg = meta["segmenter"]
     assert (
@@ -230,7 +230,7 @@ def test_the_bundle_records_what_inference_needs(trained):
     phantom = SegmentSettings.from_dict(
         {**meta["preprocessing"]["segment"], "device": "cpu", "weights_dir": str(weights)}
     )
-    assert seg["weights_sha256"] == declared_digests(phantom)
+    assert seg["weights_sha256"] == model_digests(phantom, declared=True)
 
 
 def test_onnx_export_of_the_trained_bundle_gives_evaluate_s_probabilities(trained, tmp_path):

@@ -159,7 +159,7 @@ def segmenter_mismatch(
     where: str,
 ) -> str:
     """Why the segmentation weights ``used`` (per model folder, file -> sha256, as
-    ``segment.declared_digests`` or a group record gives them; empty or None: no weights, the
+    ``segment.model_digests`` or a group record gives them; empty or None: no weights, the
     precomputed or none backend) in folder ``where`` are not those the bundle's masks came
     from (``recorded``: model.json's ``segmenter``), in one line; "" when they are."""
     if recorded is None:

@@ -130,13 +130,14 @@ def check_segment_weights(meta: Mapping[str, Any], segment: Mapping[str, Any]) -
     segmented."""
     from dataclasses import fields
 
-    from radflow.segment import SegmentSettings, declared_digests
+    from radflow.segment import SegmentSettings, model_digests
 
     used = None
     if segment["backend"] == "totalsegmentator":
         names = {f.name for f in fields(SegmentSettings)}
-        used = declared_digests(
-            SegmentSettings.from_dict({k: v for k, v in segment.items() if k in names})
+        used = model_digests(
+            SegmentSettings.from_dict({k: v for k, v in segment.items() if k in names}),
+            declared=True,
         )
     why = bundle.segmenter_mismatch(meta.get("segmenter"), used, str(segment["weights_dir"]))
     if why:
@@ -253,7 +254,7 @@ class Predictor:
         from radflow.mask import MaskSettings
         from radflow.model import resolve_device
         from radflow.plausibility import QcSettings
-        from radflow.segment import SegmentSettings, declared_digests
+        from radflow.segment import SegmentSettings, model_digests
 
         torch.set_num_threads(threads)
         self.threads = threads
@@ -276,7 +277,7 @@ class Predictor:
         self.segment = SegmentSettings.from_dict(st["segment"]) if backend != "none" else None
         why = bundle.segmenter_mismatch(
             self.meta.get("segmenter"),
-            declared_digests(self.segment) if self.segment else None,
+            model_digests(self.segment, declared=True) if self.segment else None,
             self.segment.weights_dir if self.segment else "",
         )
         if why:

@@ -395,29 +395,21 @@ def segment(
     return record
 
 
-def model_digests(settings: SegmentSettings) -> dict[str, dict[str, str]]:
-    """sha256 of every file of every model folder the task loads, checked against the folder's
-    SHA256SUMS when it has one (fails fast on missing or untrusted weights)."""
-    root = check_weights(settings)
-    return {
-        rel.as_posix(): verify_model_folder(root / rel, root)
-        for _, rel in required_models(settings)
-    }
+def model_digests(settings: SegmentSettings, declared: bool = False) -> dict[str, dict[str, str]]:
+    """sha256 of every file of every model folder the task loads (per folder: file -> digest,
+    the shape of a group record's ``weights_sha256``), checked against the folder's SHA256SUMS
+    when it has one (fails fast on missing or untrusted weights).
 
-
-def declared_digests(settings: SegmentSettings) -> dict[str, dict[str, str]]:
-    """The identity of the weights a task loads, without hashing them where a folder declares it:
-    per model folder, its ``SHA256SUMS`` (every file is checked against it when the model
-    loads, so a folder that passes holds exactly these digests), else ``model_digests``'s
-    hashes. Same shape as ``model_digests`` and a group record's ``weights_sha256``."""
+    ``declared``: a folder with a SHA256SUMS gives its listing without hashing the weights
+    (every file is checked against it when the model loads, so a folder that passes holds
+    exactly these digests); a folder without one is hashed as before."""
     root = check_weights(settings)
-    out = {}
-    for _, rel in required_models(settings):
-        sums = root / rel / SUMS_FILE
-        out[rel.as_posix()] = (
-            read_sums(sums) if sums.is_file() else verify_model_folder(root / rel, root)
-        )
-    return out
+
+    def digests(folder: Path) -> dict[str, str]:
+        sums = folder / SUMS_FILE
+        return read_sums(sums) if declared and sums.is_file() else verify_model_folder(folder, root)
+
+    return {rel.as_posix(): digests(root / rel) for _, rel in required_models(settings)}
 
 
 def _kept(out: Path, names: Path, digest: str, settings: dict[str, Any]) -> dict[str, Any] | None:
