@@ -78,7 +78,7 @@ def _settings(**kw):
     return train.TrainSettings.from_dict(base)
 
 
-@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18"])
+@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18", "r3d_slim"])
 def test_training_runs_a_few_steps_on_cpu(tmp_path, arch):
     m = _tiny_cohort(tmp_path)
     s = _settings(arch=arch, epochs=1, channels=["image", "roi"])
