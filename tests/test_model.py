@@ -31,6 +31,22 @@ def test_every_architecture_builds_and_gives_two_logits(arch, channels):
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
 
 
+def test_r3d_slim_is_isotropic_and_small():
+    """The demo's network: a 32^3 crop keeps its resolution into layer1 and halves evenly on
+    every axis (r3d_18 halves only two at its stem), with a few percent of r3d_18's weights."""
+    slim, r18 = build_model("r3d_slim", 2, 2), build_model("r3d_18", 2, 2)
+    x = torch.rand(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        f1 = slim.layer1(slim.stem(x))
+        f2 = slim.layer2(f1)
+        g2 = r18.layer2(r18.layer1(r18.stem(x)))
+    assert f1.shape[2:] == (32, 32, 32) and f2.shape[2:] == (16, 16, 16)
+    assert g2.shape[2:] == (16, 8, 8)
+    n_slim = sum(p.numel() for p in slim.parameters())
+    assert n_slim < 0.05 * sum(p.numel() for p in r18.parameters())
+    assert ARCHITECTURES["r3d_slim"].kinetics is None
+
+
 def test_stem_adaptation_keeps_the_summed_rgb_kernels():
     import torchvision.models.video as tvv
 

@@ -62,7 +62,9 @@ def _slim_r3d(width: int = 16, blocks: tuple[int, int, int, int] = (1, 1, 1, 1))
     from torchvision.models.video.resnet import BasicBlock, Conv3DSimple, VideoResNet
 
     class SlimVideoResNet(VideoResNet):
-        def _make_layer(self, block, conv_builder, planes, n, stride=1):  # type: ignore[no-untyped-def]
+        def _make_layer(
+            self, block: Any, conv_builder: Any, planes: int, n: int, stride: int = 1
+        ) -> nn.Sequential:
             if planes == 64:  # layer1: starts from the slim stem
                 self.inplanes = width
             return super()._make_layer(block, conv_builder, planes * width // 64, n, stride)
