@@ -215,6 +215,26 @@ def test_randomised_model_cam_differs_from_a_trained_one():
     assert faithfulness.correlation(a, c)["pearson"] < 0.9
 
 
+def test_a_map_that_is_zero_on_the_roi_has_no_lesion_mass(monkeypatch):
+    """All of the CAM outside the organ (or none at all): the share on the lesion is undefined,
+    recorded as None (not NaN, which is not JSON), and the pointing game is a miss."""
+    z = np.zeros((8, 8, 8), np.float32)
+    outside = z.copy()
+    outside[0, 0, 0] = 1.0  # the peak is off the organ
+    monkeypatch.setattr(explain, "compute_cam", lambda *a, **k: (outside, outside))
+    roi = np.zeros((8, 8, 8), bool)
+    roi[2:6, 2:6, 2:6] = True
+    lesion = np.zeros_like(roi)
+    lesion[3:5, 3:5, 3:5] = True
+    settings = explain.ExplainSettings(perturbation_steps=0)
+    nums, _, _ = explain.method_numbers(None, None, None, "gradcam", settings, roi, lesion)
+    assert nums["mass_in_lesion"] is None and nums["pointing_hit"] is False
+    info = {"group": "TP", "lesion_fraction_of_roi": 0.125, "method": "gradcam", **nums}
+    s = explain.method_summary([info], "gradcam", 0.8)
+    assert s["pointing_game"]["n"] == 1 and s["pointing_game"]["hits"] == 0
+    assert s["cam_mass_in_lesion"]["mean"] is None
+
+
 def test_summary_counts_only_true_positives_with_lesions():
     def info(group, hit, mass, in_roi=0.9):
         return {

@@ -234,11 +234,14 @@ def method_numbers(
         nums["pointing_hit"] = faithfulness.pointing_game(cam, lesion, 1) if lesion.any() else None
         # both within the ROI: the CAM's share of the organ that falls on the lesion, against
         # the lesion's share of the organ (what a CAM spread evenly over the organ would get)
-        nums["mass_in_lesion"] = (
+        # None where undefined: no lesion inside the ROI, or a map that is zero on the whole
+        # ROI (then nothing of it is anywhere in the organ; its pointing game is a miss)
+        mass = (
             faithfulness.mass_inside(np.where(roi, raw, 0), lesion & roi)
             if (lesion & roi).any()
-            else None
+            else float("nan")
         )
+        nums["mass_in_lesion"] = mass if np.isfinite(mass) else None
     return nums, cam, raw
 
 
