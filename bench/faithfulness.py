@@ -195,6 +195,7 @@ def run_seed(
         res[m] = {
             "test_auc": ev["test"]["auc"],
             "pointing_game": s["pointing_game"]["hit_rate"],
+            "pointing_game_in_roi": s["pointing_game_in_roi"]["hit_rate"],
             "n_true_positives": s["pointing_game"]["n"],
             "cam_mass_in_lesion": s["cam_mass_in_lesion"]["mean"],
             "cam_mass_over_chance": s["cam_mass_over_chance"]["mean"],
@@ -268,7 +269,8 @@ def main() -> None:
             )
             per[variant] = {s: run_seed(root, cases_path, s, args) for s in args.seeds}
     print(f"\nmean +- sd over seeds {args.seeds} (deletion/insertion over true positives)")
-    keys = ("test_auc", "pointing_game", "cam_mass_over_chance", "deletion_auc")
+    keys = ("test_auc", "pointing_game", "pointing_game_in_roi", "cam_mass_over_chance")
+    keys += ("deletion_auc",)
     keys += ("random_deletion_auc", "insertion_auc", "random_insertion_auc")
     table: dict[str, dict[str, dict[str, str]]] = {}
     for variant, per_seed in per.items():

@@ -229,10 +229,32 @@ def test_a_map_that_is_zero_on_the_roi_has_no_lesion_mass(monkeypatch):
     settings = explain.ExplainSettings(perturbation_steps=0)
     nums, _, _ = explain.method_numbers(None, None, None, "gradcam", settings, roi, lesion)
     assert nums["mass_in_lesion"] is None and nums["pointing_hit"] is False
+    assert nums["pointing_hit_in_roi"] is False  # the map is flat (zero) inside the organ
     info = {"group": "TP", "lesion_fraction_of_roi": 0.125, "method": "gradcam", **nums}
     s = explain.method_summary([info], "gradcam", 0.8)
     assert s["pointing_game"]["n"] == 1 and s["pointing_game"]["hits"] == 0
     assert s["cam_mass_in_lesion"]["mean"] is None
+
+
+def test_pointing_in_the_roi_is_kept_apart_from_the_strict_game(monkeypatch):
+    """A peak on the background beside the organ misses; the peak within the organ, on the
+    lesion, is counted only in the secondary pointing_game_in_roi."""
+    cam = np.zeros((8, 8, 8), np.float32)
+    cam[0, 0, 0] = 1.0  # outside the ROI
+    cam[3, 3, 3] = 0.8  # on the lesion
+    monkeypatch.setattr(explain, "compute_cam", lambda *a, **k: (cam, cam))
+    roi = np.zeros((8, 8, 8), bool)
+    roi[2:6, 2:6, 2:6] = True
+    lesion = np.zeros_like(roi)
+    lesion[3, 3, 3] = True
+    settings = explain.ExplainSettings(perturbation_steps=0)
+    nums, _, _ = explain.method_numbers(None, None, None, "gradcam", settings, roi, lesion)
+    assert nums["pointing_hit"] is False and nums["pointing_hit_in_roi"] is True
+    assert nums["mass_in_lesion"] == pytest.approx(1.0)
+    info = {"group": "TP", "lesion_fraction_of_roi": 1 / 64, "method": "gradcam", **nums}
+    s = explain.summarise([info | {"randomised_model": {"pearson": 0.1}}], 0.8)
+    assert s["pointing_game"]["hits"] == 0 and s["pointing_game_in_roi"]["hits"] == 1
+    assert s["per_case"][0]["pointing_hit_in_roi"] is True
 
 
 def test_summary_counts_only_true_positives_with_lesions():

@@ -167,6 +167,7 @@ def explanation_numbers(
     out: dict[str, Any] = {
         "cam_mass_in_roi_tp": _mean([i.get("mass_in_roi") for i in tps]),
         "pointing_game": None,
+        "pointing_game_in_roi": None,
         "cam_mass_in_lesion": None,
         "lesion_fraction_of_roi": None,
         "cam_mass_in_lesion_vs_chance": None,
@@ -176,8 +177,12 @@ def explanation_numbers(
     pg = faithfulness["pointing_game"]
     mass = faithfulness["cam_mass_in_lesion"]["mean"]
     chance = faithfulness["lesion_fraction_of_roi"]["mean"]
+    pr = faithfulness.get("pointing_game_in_roi")  # absent in faithfulness.json before it
     out.update(
         pointing_game={"hit_rate": pg["hit_rate"], "hits": pg["hits"], "n": pg["n"]},
+        pointing_game_in_roi=None
+        if not pr
+        else {"hit_rate": pr["hit_rate"], "hits": pr["hits"], "n": pr["n"]},
         cam_mass_in_lesion=mass,
         lesion_fraction_of_roi=chance,
         cam_mass_in_lesion_vs_chance=(mass / chance) if mass is not None and chance else None,
