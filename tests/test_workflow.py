@@ -174,13 +174,14 @@ def test_new_label_sheet_reruns_manifest_onward_only(run, demo_cohort):
     for upstream in ("ingest", "convert", "segment", "mask"):
         assert upstream not in jobs, jobs
     # and explain settings do not touch the manifest or the model
-    jobs = _planned(work, "--configfile", str(_with_config(work, _gradcam_pp)))
+    jobs = _planned(work, "--configfile", str(_with_config(work, _other_cam_method)))
     assert jobs.get("explain") == 1
     assert not {"manifest", "train", "evaluate"} & set(jobs), jobs
 
 
-def _gradcam_pp(cfg: dict) -> None:
-    cfg["explain"]["method"] = "gradcam++"
+def _other_cam_method(cfg: dict) -> None:
+    """A CAM method other than the configured one (an explain setting that changes)."""
+    cfg["explain"]["method"] = "hirescam" if cfg["explain"]["method"] != "hirescam" else "gradcam"
 
 
 def test_explanations_and_review_page(run):
