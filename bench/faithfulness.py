@@ -274,8 +274,7 @@ def main() -> None:
             per[variant] = {s: run_seed(root, cases_path, s, args) for s in args.seeds}
     print(f"\nmean +- sd over seeds {args.seeds} (deletion/insertion over true positives)")
     keys = ("test_auc", "pointing_game", "pointing_game_in_roi", "cam_mass_over_chance")
-    keys += ("deletion_auc",)
-    keys += ("random_deletion_auc", "insertion_auc", "random_insertion_auc")
+    keys += ("deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")
     table: dict[str, dict[str, dict[str, str]]] = {}
     for variant, per_seed in per.items():
         table[variant] = {}
