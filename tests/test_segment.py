@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from radflow import nnunet_patches, segment
 from radflow.demo import phantom_model
@@ -102,6 +103,18 @@ def test_roi_subset_needs_the_crop_model_too(tmp_path):
     settings = segment.SegmentSettings(weights_dir=str(WEIGHTS), roi_subset=("liver",))
     with pytest.raises(segment.WeightsMissingError, match="task id 298"):
         segment.check_weights(settings)
+
+
+def test_settings_from_the_config_section_drop_only_the_workflow_keys():
+    """The workflow's segment jobs and predict's weight check read the config section through
+    one reader: the workflow's keys go, the call's are kept, an unknown key is an error."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["segment"]
+    assert set(segment.WORKFLOW_KEYS) < set(cfg)
+    s = segment.SegmentSettings.from_config(cfg)
+    assert (s.task, s.fast, s.weights_dir) == (cfg["task"], cfg["fast"], cfg["weights_dir"])
+    assert segment.workflow_free(cfg).keys() == set(cfg) - set(segment.WORKFLOW_KEYS)
+    with pytest.raises(ValueError, match="typo"):
+        segment.SegmentSettings.from_config({**cfg, "typo": 1})
 
 
 def test_offline_environment_private_home_stats_off(tmp_path):

@@ -128,17 +128,11 @@ def check_segment_weights(meta: Mapping[str, Any], segment: Mapping[str, Any]) -
     segmentation weights (config section ``segment``) are not those of the bundle's training
     masks: their ``SHA256SUMS`` (checked again when the model loads), before any study is
     segmented."""
-    from dataclasses import fields
-
     from radflow.segment import SegmentSettings, model_digests
 
     used = None
     if segment["backend"] == "totalsegmentator":
-        names = {f.name for f in fields(SegmentSettings)}
-        used = model_digests(
-            SegmentSettings.from_dict({k: v for k, v in segment.items() if k in names}),
-            declared=True,
-        )
+        used = model_digests(SegmentSettings.from_config(dict(segment)), declared=True)
     why = bundle.segmenter_mismatch(meta.get("segmenter"), used, str(segment["weights_dir"]))
     if why:
         raise bundle.BundleError(why)

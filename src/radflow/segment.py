@@ -61,7 +61,7 @@ class WeightsMissingError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class SegmentSettings:
-    """Segmentation settings (config key ``segment``)."""
+    """Segmentation settings (config key ``segment``, less its ``WORKFLOW_KEYS``)."""
 
     backend: str = "totalsegmentator"  # or "precomputed" ("none": no segment job at all)
     task: str = "total"
@@ -81,6 +81,22 @@ class SegmentSettings:
         if backend not in ("totalsegmentator", "precomputed"):
             raise ValueError("segment.backend must be 'totalsegmentator' or 'precomputed'")
         return cls(**d)
+
+    @classmethod
+    def from_config(cls, segment: dict[str, Any]) -> SegmentSettings:
+        """From the whole config section ``segment``: the keys that steer the workflow
+        (``WORKFLOW_KEYS``) are dropped, every other key must be a field."""
+        return cls.from_dict(workflow_free(segment))
+
+
+# keys of the config section ``segment`` for the workflow (job threads, batching, the
+# precomputed backend's path template, the phantom guard), not for the segmentation call
+WORKFLOW_KEYS = ("threads", "precomputed", "batches", "allow_phantom")
+
+
+def workflow_free(segment: dict[str, Any]) -> dict[str, Any]:
+    """The config section ``segment`` without its ``WORKFLOW_KEYS``."""
+    return {k: v for k, v in segment.items() if k not in WORKFLOW_KEYS}
 
 
 def class_map(task: str) -> dict[int, str]:

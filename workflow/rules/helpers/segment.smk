@@ -1,9 +1,9 @@
 # Helpers of the segment rules (workflow/rules/segment.smk): input functions, params.
-from radflow.segment import group_of, phantom_guard
+from radflow.segment import group_of, phantom_guard, workflow_free
 
 
 def segment_settings():
-    s = without(config["segment"], "threads", "precomputed", "batches", "allow_phantom")
+    s = workflow_free(config["segment"])
     s["weights_dir"] = resolve_resource(s["weights_dir"])
     return s
 
