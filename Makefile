@@ -41,7 +41,7 @@ format: $(STAMP)
 	$(BIN)/snakefmt Snakefile workflow/rules
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 # The workflow through a real single-node SLURM (installs slurm-wlm and munge, starts daemons):
 # root on a throwaway Debian 12 machine only; see README "Testing cluster changes".

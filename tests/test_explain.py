@@ -215,6 +215,42 @@ def test_randomised_model_cam_differs_from_a_trained_one():
     assert faithfulness.correlation(a, c)["pearson"] < 0.9
 
 
+def test_randomisation_check_within_the_roi_ignores_the_shared_support():
+    """Two unrelated maps, both zero off the organ: over the whole input they correlate (the
+    support they share), within the organ they do not; the same map correlates everywhere."""
+    rng = np.random.default_rng(0)
+    roi = np.zeros((16, 16, 16), bool)
+    roi[4:12, 4:12, 4:12] = True
+    a, b = (np.where(roi, 1.0 + rng.random(roi.shape), 0.0) for _ in range(2))
+    r = explain.randomisation_check(a, b, roi)
+    assert r["whole"]["pearson"] > 0.8 and abs(r["in_roi"]["pearson"]) < 0.2
+    assert explain.randomisation_check(a, a, roi)["in_roi"]["pearson"] == pytest.approx(1.0)
+    assert np.isnan(explain.randomisation_check(a, b, roi & False)["in_roi"]["pearson"])
+    infos = [
+        {"case_id": "c", "method": "gradcam", "group": "TN", "randomised_model": r["whole"]}
+        | {"randomised_model_in_roi": r["in_roi"], "methods": {"gradcam": {}}}
+    ]
+    rc = explain.summarise(infos)["randomised_model_correlation"]
+    assert rc["pearson"]["mean"] > 0.8 and abs(rc["pearson_in_roi"]["mean"]) < 0.2
+
+
+def test_the_review_page_shows_undefined_numbers_as_na(tmp_path):
+    """A case whose map is zero on the organ (mass None) and constant (r NaN) stays on the page
+    with "n/a" for those numbers; it used to stop the report with a TypeError."""
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    save_nifti(np.zeros((8, 8, 8), np.int16), aff, tmp_path / "ct.nii.gz")
+    save_nifti(np.ones((8, 8, 8), np.uint8), aff, tmp_path / "roi.nii.gz")
+    save_nifti(np.zeros((8, 8, 8), np.float32), aff, tmp_path / "cam.nii.gz")
+    nan = {"pearson": float("nan"), "spearman": float("nan")}
+    info = {"case_id": "c", "group": "FN", "probability": 0.2, "prediction": 0, "label": 1}
+    info |= {"split": "test", "threshold": 0.5, "raw_max": 0.0, "mass_in_roi": None}
+    info |= {"randomised_model": nan, "randomised_model_in_roi": nan, "method": "gradcam"}
+    paths = [tmp_path / f"{n}.nii.gz" for n in ("ct", "roi", "cam")]
+    case = explain.viewer_case(info, *paths)
+    assert case.numbers["CAM mass in ROI"] == "n/a" and case.numbers["r in ROI"] == "n/a"
+    assert case.numbers["r(trained, random CAM)"] == "n/a" and case.numbers["raw CAM max"] == 0
+
+
 def test_a_map_that_is_zero_on_the_roi_has_no_lesion_mass(monkeypatch):
     """All of the CAM outside the organ (or none at all): the share on the lesion is undefined,
     recorded as None (not NaN, which is not JSON), and the pointing game is a miss."""

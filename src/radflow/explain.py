@@ -19,7 +19,8 @@ Per case this writes
   convention), the model's HU window underneath, the CAM with transparency and a colour bar,
   the ROI outline; prediction, probability and label in the title;
 * ``{case}.json``: the numbers -- peak (voxel and world mm), raw CAM scale, the correlation with
-  the CAM of a randomly re-initialised model (sanity check), deletion and insertion AUCs against
+  the CAM of a randomly re-initialised model (sanity check; over the input and within the ROI),
+  deletion and insertion AUCs against
   a random voxel order (``radflow.faithfulness``), and, when a lesion mask is given, the
   pointing-game hit and the CAM mass inside the lesion; per method under ``methods``.
 """
@@ -193,6 +194,21 @@ def load_models(
     return model.to(dev), random_model_like(ck, settings.random_seed).to(dev), ck
 
 
+def randomisation_check(
+    cam: np.ndarray, rand_cam: np.ndarray, roi: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Correlation of the trained and the randomised model's maps (Adebayo et al., 2018): over
+    the whole input (``whole``) and within the ROI (``in_roi``). On a masked input both maps are
+    near zero on the background fill, a support they share whatever the weights; that alone
+    makes the whole-input r high. Within the organ only the pattern counts."""
+    nan = {"pearson": float("nan"), "spearman": float("nan")}
+    roi = np.asarray(roi, dtype=bool)
+    return {
+        "whole": correlation(cam, rand_cam),
+        "in_roi": correlation(cam[roi], rand_cam[roi]) if roi.sum() > 1 else nan,
+    }
+
+
 def _finite(v: float) -> float | None:
     """``v``, or None where it is NaN or infinite (JSON has neither)."""
     return v if np.isfinite(v) else None
@@ -304,7 +320,7 @@ def explain_case(
         if m == settings.method:
             cam, raw = c, r
     how = (settings.method, settings.target_layer, settings.target_class, settings.score)
-    rand_cam = to_ras(compute_cam(rand_model, x, *how)[0])
+    rand = randomisation_check(cam, to_ras(compute_cam(rand_model, x, *how)[0]), roi)
     ct = nib.load(str(ct_path))
     cam_ct = uncrop(cam, masked.affine, ct)
 
@@ -333,7 +349,8 @@ def explain_case(
         "raw_mean_in_roi": float(raw[roi].mean()) if roi.any() else None,
         "mass_in_roi": _finite(faithfulness.mass_inside(raw, roi)),  # None: an all-zero map
         "roi_fraction_of_volume": float(roi.mean()),
-        "randomised_model": correlation(cam, rand_cam),
+        "randomised_model": rand["whole"],
+        "randomised_model_in_roi": rand["in_roi"],
         "checkpoint_epoch": int(ck["epoch"]),
         "hu_window": list(spec.hu_window),
         "intensity_rule": spec.intensity_rule,
@@ -581,8 +598,10 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
     methods = {m: method_summary(infos, m, hit_target) for m in names}
     tps = [i for i in infos if i.get("group") == "TP" and i.get("pointing_hit") is not None]
     chance = [float(i["lesion_fraction_of_roi"]) for i in tps]
-    rand = [i["randomised_model"]["pearson"] for i in infos]
-    rand = [r for r in rand if not np.isnan(r)]
+    rand, rand_roi = (
+        [r for i in infos if not np.isnan(r := i.get(k, {}).get("pearson", np.nan))]
+        for k in ("randomised_model", "randomised_model_in_roi")
+    )
     top = methods.get(main) or method_summary([], "", hit_target)
     # does the model look at the organ at all? The main map's mass inside the ROI, against the
     # ROI's share of the input (what a map spread evenly over the volume would get)
@@ -606,8 +625,11 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
         },
         "randomised_model_correlation": {
             "pearson": _stats(rand),
+            "pearson_in_roi": _stats(rand_roi),
             "note": "CAM of the trained model vs the same architecture re-initialised at random; "
-            "a faithful explanation depends on the learned weights, so this should be low",
+            "a faithful explanation depends on the learned weights, so this should be low. "
+            "pearson: over the whole input, where both maps share the organ's support; "
+            "pearson_in_roi: within the ROI",
         },
         "perturbation_note": "deletion: probability as the most-attributed voxels are set to the "
         "mask's background (lower area = more faithful); insertion: as they are put back into an "
@@ -629,6 +651,11 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
             for i in infos
         ],
     }
+
+
+def _shown(v: float | None, digits: int) -> float | str:
+    """A number for the review page: rounded, or "n/a" where undefined (None, NaN)."""
+    return round(float(v), digits) if v is not None and np.isfinite(v) else "n/a"
 
 
 def viewer_case(
@@ -666,13 +693,14 @@ def viewer_case(
         les = (np.asanyarray(les_img.dataobj) > 0).astype(np.uint8)
         lesion = to_grid(les, les_img.affine, ct.affine, shape) > 0
     numbers: dict[str, float | int | str] = {
-        "raw CAM max": round(info["raw_max"], 4),
-        "CAM mass in ROI": round(info["mass_in_roi"], 3),
-        "r(trained, random CAM)": round(info["randomised_model"]["pearson"], 3),
+        "raw CAM max": _shown(info["raw_max"], 4),
+        "CAM mass in ROI": _shown(info.get("mass_in_roi"), 3),
+        "r(trained, random CAM)": _shown(info["randomised_model"]["pearson"], 3),
+        "r in ROI": _shown(info.get("randomised_model_in_roi", {}).get("pearson"), 3),
         "method": info["method"],
     }
     if info.get("mass_in_lesion") is not None:
-        numbers["CAM mass in lesion"] = round(info["mass_in_lesion"], 3)
+        numbers["CAM mass in lesion"] = _shown(info["mass_in_lesion"], 3)
         numbers["peak in lesion"] = "yes" if info["pointing_hit"] else "no"
     return ViewerCase(
         case_id=info["case_id"],
