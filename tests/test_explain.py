@@ -458,3 +458,45 @@ def test_a_removed_voxel_is_what_the_mask_stage_writes_outside_the_roi():
     assert x.shape == (1, 2, 5, 4, 3) and float(x.abs().max()) == 0.0
     # the image-only model: one channel, the fill as given
     assert (explain.inputs.removed(InputSpec(), (2, 2, 2), -1000) == -1000).all()
+
+
+def test_the_organ_baseline_heals_the_organ_and_leaves_the_rest(tmp_path, monkeypatch):
+    """perturbation_baseline organ: the ROI's voxels of the image at the ROI's median HU (a
+    lesion removed becomes liver, not a hole of fill), the fill and the ROI channel as they
+    were; explain_case hands that baseline to the curves, and fill stays the default."""
+    spec = InputSpec(channels=("image", "roi"), hu_window=(-40.0, 160.0))
+    roi = np.zeros((6, 6, 6), bool)
+    roi[1:5, 1:5, 1:5] = True
+    img = np.where(roi, 60, -1024).astype(np.int16)
+    img[2:4, 2:4, 2:4] = -20  # a lesion: 8 of the ROI's 64 voxels
+    vol = np.stack([img, roi.astype(np.int16)])
+    base = explain.inputs.organ_median(spec, vol, roi)
+    assert (base[0][roi] == 60).all() and (base[0][~roi] == -1024).all()
+    assert (base[1] == vol[1]).all() and (vol[0][2, 2, 2] == -20)  # the input is not touched
+    with pytest.raises(ValueError, match="perturbation_baseline"):
+        explain.ExplainSettings.from_dict({"perturbation_baseline": "zero"})
+
+    _, m_aff = _case(tmp_path)
+    ck = _checkpoint(tmp_path / "best.pt", channels=("image", "roi"))
+    seen = []
+
+    def curves(predict, x, baseline, *a, **k):
+        seen.append(baseline)
+        return {}
+
+    monkeypatch.setattr(explain.faithfulness, "deletion_insertion", curves)
+    masked = np.asanyarray(nib.load(tmp_path / "masked.nii.gz").dataobj)
+    inside = np.asanyarray(nib.load(tmp_path / "roi.nii.gz").dataobj) > 0
+    for how in ("organ", "fill"):
+        s = explain.ExplainSettings(device="cpu", perturbation_steps=2, perturbation_baseline=how)
+        case = (tmp_path / "masked.nii.gz", tmp_path / "roi.nii.gz", tmp_path / "ct.nii.gz")
+        explain.explain_case(
+            explain.load_models(ck, s), *case, tmp_path / how, "c", s, fill_hu=-1024
+        )
+    organ, fill = seen  # network inputs (C, Z, Y, X)
+    level = spec.network_input(torch.full((1, 2, 1, 1, 1), float(np.median(masked[inside]))))
+    inside = np.transpose(inside, (2, 1, 0))
+    assert np.allclose(organ[0][inside], float(level[0, 0]), atol=1e-3)
+    assert np.allclose(organ[0][~inside], 0.0) and np.allclose(organ[1][inside], 1.0)
+    assert np.allclose(fill, 0.0)
+    assert explain.ExplainSettings().perturbation_baseline == "fill"

@@ -52,6 +52,7 @@ CAM_CLASSES = {
 }
 METHODS = tuple(CAM_CLASSES)
 SCORES = ("log_odds", "logit")
+BASELINES = ("fill", "organ")  # explain.perturbation_baseline
 # per-method numbers that a case's JSON also carries at top level (for the main method)
 PER_METHOD = (
     "pointing_hit",
@@ -79,6 +80,9 @@ class ExplainSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     random_seed: int = 0  # seed of the re-initialised model and of the random voxel orders
     perturbation_steps: int = 16  # points of the deletion/insertion curves (0 = none)
+    # what a removed voxel becomes: the mask's background fill, or the ROI's median HU (the
+    # organ with its structure -- lesion, vessels, texture -- taken out)
+    perturbation_baseline: str = "fill"
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -94,6 +98,8 @@ class ExplainSettings:
                 raise ValueError(f"explain.method {m!r}: must be one of {METHODS}")
         if d.get("perturbation_steps", 0) < 0:
             raise ValueError("explain.perturbation_steps must be >= 0")
+        if d.get("perturbation_baseline", "fill") not in BASELINES:
+            raise ValueError(f"explain.perturbation_baseline must be one of {BASELINES}")
         if d.get("score", "log_odds") not in SCORES:
             raise ValueError(f"explain.score must be one of {SCORES}")
         from radflow.model import check_device
@@ -301,7 +307,10 @@ def explain_case(
     hu, roi = stored[inputs.CHANNELS.index("image")], stored[inputs.CHANNELS.index("roi")] > 0
     vol = stored[[inputs.CHANNELS.index(c) for c in spec.channels]][None]
     x = spec.network_input(torch.from_numpy(vol).to(dev))
-    base = inputs.removed(spec, vol.shape[2:], fill_hu)[None]
+    if settings.perturbation_baseline == "organ":
+        base = inputs.organ_median(spec, vol[0], roi)[None]
+    else:
+        base = inputs.removed(spec, vol.shape[2:], fill_hu)[None]
     baseline = spec.network_input(torch.from_numpy(base).to(dev))
     with torch.no_grad():
         prob = float(model(x).float().softmax(1)[0, settings.target_class])
