@@ -463,7 +463,7 @@ def test_a_removed_voxel_is_what_the_mask_stage_writes_outside_the_roi():
 def test_the_organ_baseline_heals_the_organ_and_leaves_the_rest(tmp_path, monkeypatch):
     """perturbation_baseline organ: the ROI's voxels of the image at the ROI's median HU (a
     lesion removed becomes liver, not a hole of fill), the fill and the ROI channel as they
-    were; explain_case hands that baseline to the curves, and fill stays the default."""
+    were; explain_case hands that baseline to the curves; organ is the default."""
     spec = InputSpec(channels=("image", "roi"), hu_window=(-40.0, 160.0))
     roi = np.zeros((6, 6, 6), bool)
     roi[1:5, 1:5, 1:5] = True
@@ -499,4 +499,4 @@ def test_the_organ_baseline_heals_the_organ_and_leaves_the_rest(tmp_path, monkey
     assert np.allclose(organ[0][inside], float(level[0, 0]), atol=1e-3)
     assert np.allclose(organ[0][~inside], 0.0) and np.allclose(organ[1][inside], 1.0)
     assert np.allclose(fill, 0.0)
-    assert explain.ExplainSettings().perturbation_baseline == "fill"
+    assert explain.ExplainSettings().perturbation_baseline == "organ"

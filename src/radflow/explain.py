@@ -52,7 +52,7 @@ CAM_CLASSES = {
 }
 METHODS = tuple(CAM_CLASSES)
 SCORES = ("log_odds", "logit")
-BASELINES = ("fill", "organ")  # explain.perturbation_baseline
+BASELINES = ("organ", "fill")  # explain.perturbation_baseline
 # per-method numbers that a case's JSON also carries at top level (for the main method)
 PER_METHOD = (
     "pointing_hit",
@@ -80,9 +80,9 @@ class ExplainSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     random_seed: int = 0  # seed of the re-initialised model and of the random voxel orders
     perturbation_steps: int = 16  # points of the deletion/insertion curves (0 = none)
-    # what a removed voxel becomes: the mask's background fill, or the ROI's median HU (the
-    # organ with its structure -- lesion, vessels, texture -- taken out)
-    perturbation_baseline: str = "fill"
+    # what a removed voxel becomes: the ROI's median HU (the organ with its structure -- lesion,
+    # vessels, texture -- taken out), or the mask's background fill
+    perturbation_baseline: str = "organ"
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -98,7 +98,7 @@ class ExplainSettings:
                 raise ValueError(f"explain.method {m!r}: must be one of {METHODS}")
         if d.get("perturbation_steps", 0) < 0:
             raise ValueError("explain.perturbation_steps must be >= 0")
-        if d.get("perturbation_baseline", "fill") not in BASELINES:
+        if d.get("perturbation_baseline", cls.perturbation_baseline) not in BASELINES:
             raise ValueError(f"explain.perturbation_baseline must be one of {BASELINES}")
         if d.get("score", "log_odds") not in SCORES:
             raise ValueError(f"explain.score must be one of {SCORES}")
