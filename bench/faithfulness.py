@@ -162,6 +162,7 @@ def run_seed(
         "compare_methods": args.methods[1:],
         "device": args.device,
         "perturbation_steps": args.steps,
+        "perturbation_baseline": args.baseline,
     }
     settings = explain.ExplainSettings.from_dict(ecfg)
     preds = explain.read_predictions(
@@ -240,6 +241,14 @@ def main() -> None:
         "--methods", nargs="+", default=[main] + [m for m in explain.METHODS if m != main]
     )
     ap.add_argument("--steps", type=int, default=16, help="points of the deletion curves")
+    ap.add_argument(
+        "--baseline",
+        choices=explain.BASELINES,
+        default=DEMO["explain"].get(
+            "perturbation_baseline", explain.ExplainSettings.perturbation_baseline
+        ),
+        help="explain.perturbation_baseline: what a removed voxel becomes",
+    )
     ap.add_argument(
         "--split", type=float, nargs=3, default=(0.5, 0.2, 0.3), metavar=("TRAIN", "VAL", "TEST")
     )
