@@ -490,9 +490,10 @@ def test_the_organ_baseline_heals_the_organ_and_leaves_the_rest(tmp_path, monkey
     for how in ("organ", "fill"):
         s = explain.ExplainSettings(device="cpu", perturbation_steps=2, perturbation_baseline=how)
         case = (tmp_path / "masked.nii.gz", tmp_path / "roi.nii.gz", tmp_path / "ct.nii.gz")
-        explain.explain_case(
+        info = explain.explain_case(
             explain.load_models(ck, s), *case, tmp_path / how, "c", s, fill_hu=-1024
         )
+        assert explain.summarise([info])["perturbation_baseline"] == how
     organ, fill = seen  # network inputs (C, Z, Y, X)
     level = spec.network_input(torch.full((1, 2, 1, 1, 1), float(np.median(masked[inside]))))
     inside = np.transpose(inside, (2, 1, 0))

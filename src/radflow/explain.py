@@ -598,6 +598,12 @@ def method_summary(infos: list[dict[str, Any]], method: str, hit_target: float) 
     return out
 
 
+def _pearsons(infos: list[dict[str, Any]], key: str) -> list[float]:
+    """The cases' defined Pearson r under ``key`` (cases without it, or with NaN, left out)."""
+    rs = [i.get(key, {}).get("pearson", float("nan")) for i in infos]
+    return [r for r in rs if not np.isnan(r)]
+
+
 def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str, Any]:
     """Faithfulness over the explained cases, per method (the main method's also at top level):
     pointing game and lesion mass for true positives, deletion/insertion AUCs against a random
@@ -608,8 +614,8 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
     tps = [i for i in infos if i.get("group") == "TP" and i.get("pointing_hit") is not None]
     chance = [float(i["lesion_fraction_of_roi"]) for i in tps]
     rand, rand_roi = (
-        [r for i in infos if not np.isnan(r := i.get(k, {}).get("pearson", np.nan))]
-        for k in ("randomised_model", "randomised_model_in_roi")
+        _pearsons(infos, "randomised_model"),
+        _pearsons(infos, "randomised_model_in_roi"),
     )
     top = methods.get(main) or method_summary([], "", hit_target)
     # does the model look at the organ at all? The main map's mass inside the ROI, against the
@@ -640,9 +646,13 @@ def summarise(infos: list[dict[str, Any]], hit_target: float = 0.8) -> dict[str,
             "pearson: over the whole input, where both maps share the organ's support; "
             "pearson_in_roi: within the ROI",
         },
+        "perturbation_baseline": (infos[0].get("settings") or {}).get("perturbation_baseline")
+        if infos
+        else None,
         "perturbation_note": "deletion: probability as the most-attributed voxels are set to the "
-        "mask's background (lower area = more faithful); insertion: as they are put back into an "
-        "all-background volume (higher = more faithful); random_*: the same in a random order",
+        "baseline (perturbation_baseline -- organ: the ROI's median HU; fill: the mask's "
+        "background) (lower area = more faithful); insertion: as they are put back into the "
+        "baseline volume (higher = more faithful); random_*: the same in a random order",
         "methods": methods,
         "per_case": [
             {
