@@ -69,7 +69,7 @@ PER_METHOD = (
 class ExplainSettings:
     """Explanation settings (config key ``explain``; defaults: the schema's)."""
 
-    method: str = "gradcam"  # gradcam | gradcam++ | hirescam | layercam
+    method: str = "hirescam"  # gradcam | gradcam++ | hirescam | layercam
     compare_methods: tuple[str, ...] = ()  # more methods: faithfulness numbers only
     target_layer: str = "layer4"  # dotted module path; default: the last residual block
     target_class: int = 1  # the positive class
@@ -93,7 +93,7 @@ class ExplainSettings:
     def from_dict(cls, d: dict[str, Any] | None) -> ExplainSettings:
         """Build from a config mapping (unknown keys are an error)."""
         d = section(cls, d, "explain", ("compare_methods",))
-        for m in (d.get("method", "gradcam"), *d.get("compare_methods", ())):
+        for m in (d.get("method", cls.method), *d.get("compare_methods", ())):
             if m not in METHODS:
                 raise ValueError(f"explain.method {m!r}: must be one of {METHODS}")
         if d.get("perturbation_steps", 0) < 0:
