@@ -89,19 +89,24 @@ def _predictions(seed, separation, cases=None):
     return pd.DataFrame({"case_id": ids, "split": split, "label": y, "probability": p})
 
 
-def _faith(hits, n, mass, chance):
-    return {
+def _faith(hits, n, mass, chance, over=None):
+    f = {
         "pointing_game": {"hit_rate": hits / n, "hits": hits, "n": n},
         "cam_mass_in_lesion": {"mean": mass},
         "lesion_fraction_of_roi": {"mean": chance},
     }
+    if over is not None:  # explain's per-case mean of mass / chance (absent in older files)
+        f["cam_mass_over_chance"] = {"mean": over}
+    return f
 
 
 def test_summary_shape_and_numbers(tmp_path):
     preds = {v: _predictions(i, 2.0) for i, v in enumerate(paths.ABLATION_VARIANTS)}
     infos = [{"group": "TP", "mass_in_roi": 0.8}, {"group": "TN", "mass_in_roi": 0.1}]
     explained = {
-        "masked": (_faith(9, 10, 0.3, 0.05), infos),
+        # explain's mean of the per-case ratios (5.5), not the ratio of the means (6.0): the
+        # ablation reports the same figure as faithfulness.json; older files have no ratio
+        "masked": (_faith(9, 10, 0.3, 0.05, over=5.5), infos),
         "unmasked": (_faith(5, 10, 0.1, 0.05), infos),
         "fullfov": (None, []),  # no lesion reference known
     }
@@ -111,8 +116,8 @@ def test_summary_shape_and_numbers(tmp_path):
     assert list(s["variants"]) == list(paths.ABLATION_VARIANTS)
     m, u, f = (s["variants"][v] for v in paths.ABLATION_VARIANTS)
     assert m["pointing_game"] == {"hit_rate": 0.9, "hits": 9, "n": 10}
-    assert m["cam_mass_in_lesion_vs_chance"] == pytest.approx(6.0)
-    assert u["cam_mass_in_lesion_vs_chance"] == pytest.approx(2.0)
+    assert m["cam_mass_in_lesion_vs_chance"] == pytest.approx(5.5)
+    assert u["cam_mass_in_lesion_vs_chance"] == pytest.approx(2.0)  # older file: 0.1 / 0.05
     assert m["cam_mass_in_roi_tp"] == pytest.approx(0.8)
     assert f["pointing_game"] is None and f["cam_mass_in_roi_tp"] is None
     assert set(u["difference_vs_masked"]) >= {"auc_difference", "ci95", "ci_excludes_zero"}

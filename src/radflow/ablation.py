@@ -177,6 +177,11 @@ def explanation_numbers(
     pg = faithfulness["pointing_game"]
     mass = faithfulness["cam_mass_in_lesion"]["mean"]
     chance = faithfulness["lesion_fraction_of_roi"]["mean"]
+    # explain's own per-case mean of mass / lesion share (the figure faithfulness.json, the
+    # review page and the bench report); the ratio of the two means only for older files
+    over = (faithfulness.get("cam_mass_over_chance") or {}).get("mean")
+    if over is None and mass is not None and chance:
+        over = mass / chance
     pr = faithfulness.get("pointing_game_in_roi")  # absent in faithfulness.json before it
     out.update(
         pointing_game={"hit_rate": pg["hit_rate"], "hits": pg["hits"], "n": pg["n"]},
@@ -185,7 +190,7 @@ def explanation_numbers(
         else {"hit_rate": pr["hit_rate"], "hits": pr["hits"], "n": pr["n"]},
         cam_mass_in_lesion=mass,
         lesion_fraction_of_roi=chance,
-        cam_mass_in_lesion_vs_chance=(mass / chance) if mass is not None and chance else None,
+        cam_mass_in_lesion_vs_chance=over,
     )
     return out
 
